@@ -1,0 +1,38 @@
+"""zoo: a multi-task computer-vision model zoo on timm backbones.
+
+Public API (lean: importing zoo and serving a model needs only torch, torchvision, timm, numpy, pillow and
+safetensors)::
+
+    zoo.create_model(spec)            # a ZooModel from a ModelSpec / dict
+    zoo.list_models("*det*")          # named checkpoints
+    model = zoo.load("resnet10t.shapes_cls")   # a name, a bundle folder/file, a URL or hf-hub:org/name
+    zoo.Predictor(model)(["a.jpg"])   # typed results
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "create_model": ("zoo.models", "create_model"),
+    "ModelSpec": ("zoo.models", "ModelSpec"),
+    "ZooModel": ("zoo.models", "ZooModel"),
+    "load": ("zoo.hub.api", "load"),
+    "list_models": ("zoo.hub.registry", "list_models"),
+    "Predictor": ("zoo.predictor", "Predictor"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")

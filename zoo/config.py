@@ -1,0 +1,281 @@
+"""Typed schemas for the Hydra configuration and their validation.
+
+``validate(cfg)`` merges a composed config into the dataclass schemas below, so that a misspelled key or a value of
+the wrong type stops the run at start with a :class:`ConfigError` naming the key (``optimizer.lrr``) and listing
+the valid keys, before any data is read or model built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["ConfigError", "TrainConfig", "EvalConfig", "validate", "to_container"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message names it and says how to fix it."""
+
+
+@dataclass
+class ShapesConf:
+    num_train: int = 1600
+    num_val: int = 400
+    image_size: int = 128
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class DataConf:
+    kind: str = "shapes"
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    train_ann: Optional[str] = None
+    val_ann: Optional[str] = None
+    train_images: Optional[str] = None
+    val_images: Optional[str] = None
+    batch_size: int = 64
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    on_bad_annotation: str = "raise"
+    min_box_size: float = 1.0
+    multilabel: bool = False
+    augment: List[Any] = field(default_factory=list)
+    min_visibility: float = 0.3
+    limit_train_images: Optional[int] = None
+    limit_val_images: Optional[int] = None
+    shapes: ShapesConf = field(default_factory=ShapesConf)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BackboneConf:
+    name: str = "resnet18"
+    pretrained: bool = False
+    weights: Optional[str] = None
+    out_indices: Optional[List[int]] = None
+    freeze: Any = 0
+    grad_checkpointing: bool = False
+    drop_path_rate: float = 0.0
+    img_size: Optional[Any] = None
+    pyramid_channels: Optional[int] = None
+
+
+@dataclass
+class EMAConf:
+    enabled: bool = False
+    decay: float = 0.999
+    warmup: bool = True
+
+
+@dataclass
+class ModelConf:
+    task: str = "classification"
+    input_size: List[int] = field(default_factory=lambda: [128, 128])
+    resize: str = "stretch"
+    size_divisor: int = 32
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    heads: Dict[str, Any] = field(default_factory=dict)
+    necks: Dict[str, Any] = field(default_factory=dict)
+    multilabel: Optional[bool] = None
+    label_smoothing: float = 0.0
+    head: Optional[str] = None
+    decoder: Optional[str] = None
+    loss: Optional[str] = None
+    embedding_dim: int = 256
+    postprocess: Dict[str, Any] = field(default_factory=dict)
+    ema: EMAConf = field(default_factory=EMAConf)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConf:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    no_weight_decay_norm_bias: bool = True
+    backbone_lr_mult: float = 1.0
+
+
+@dataclass
+class SchedulerConf:
+    name: str = "cosine"
+    warmup_epochs: float = 1.0
+    warmup_start_factor: float = 0.01
+    min_lr_factor: float = 0.01
+    step_epochs: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainerConf:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: int = 10
+    max_steps: int = -1
+    min_epochs: Optional[int] = None
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    val_check_interval: Optional[float] = None
+    check_val_every_n_epoch: int = 1
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    deterministic: bool = False
+    benchmark: Optional[bool] = None
+    fast_dev_run: Any = False
+    num_sanity_val_steps: int = 0
+    enable_progress_bar: bool = True
+    sync_batchnorm: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: Optional[str] = None
+    threads: Optional[int] = None
+
+
+@dataclass
+class CheckpointConf:
+    monitor: Optional[str] = None
+    mode: Optional[str] = None
+    save_last: bool = True
+    save_top_k: int = 1
+
+
+@dataclass
+class EarlyStoppingConf:
+    enabled: bool = False
+    monitor: Optional[str] = None
+    mode: Optional[str] = None
+    patience: int = 10
+    min_delta: float = 0.0
+
+
+@dataclass
+class CallbacksConf:
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    early_stopping: EarlyStoppingConf = field(default_factory=EarlyStoppingConf)
+    lr_monitor: bool = True
+    progress_bar: str = "tqdm"
+    visualize: int = 0
+
+
+@dataclass
+class LoggerConf:
+    names: List[str] = field(default_factory=lambda: ["csv"])
+
+
+@dataclass
+class PathsConf:
+    output_dir: str = "outputs"
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    task_name: str = "train"
+    seed: int = 42
+    ckpt_path: Optional[str] = None
+    run_eval: bool = True
+    export_bundle: bool = True
+    data: DataConf = field(default_factory=DataConf)
+    model: ModelConf = field(default_factory=ModelConf)
+    backbone: BackboneConf = field(default_factory=BackboneConf)
+    optimizer: OptimizerConf = field(default_factory=OptimizerConf)
+    scheduler: SchedulerConf = field(default_factory=SchedulerConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    callbacks: CallbacksConf = field(default_factory=CallbacksConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    paths: PathsConf = field(default_factory=PathsConf)
+
+
+@dataclass
+class EvalConfig:
+    task_name: str = "evaluate"
+    seed: int = 42
+    ckpt_path: Optional[str] = None
+    results: Optional[str] = None
+    iou_type: str = "bbox"
+    data: DataConf = field(default_factory=DataConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    paths: PathsConf = field(default_factory=PathsConf)
+    postprocess: Dict[str, Any] = field(default_factory=dict)
+    visualize: int = 0
+
+
+#: Allowed values of string options: dotted key -> choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.kind": ("shapes", "coco", "image_folder", "mask_folder", "coco_crops", "identity_folder"),
+    "data.on_bad_annotation": ("raise", "skip"),
+    "model.task": ("classification", "detection", "semantic", "instance", "similarity", "multitask"),
+    "model.resize": ("stretch", "longest", "letterbox"),
+    "optimizer.name": ("adamw", "adam", "sgd"),
+    "scheduler.name": ("cosine", "constant", "step", "none"),
+    "callbacks.progress_bar": ("tqdm", "rich", "none"),
+    "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto", "tpu"),
+    "iou_type": ("bbox", "segm"),
+}
+
+
+def _valid_keys(schema: Any, dotted: str) -> list[str]:
+    node = schema
+    for part in [p for p in dotted.split(".")[:-1] if p]:
+        f = {x.name: x for x in fields(node)} if is_dataclass(node) else {}
+        if part not in f:
+            return []
+        default = f[part].default_factory() if f[part].default_factory is not None else f[part].default  # type: ignore[misc]
+        node = default
+    return sorted(x.name for x in fields(node)) if is_dataclass(node) else []
+
+
+def _strip(cfg: DictConfig, schema_cls: type) -> DictConfig:
+    """Drop keys the schema does not describe at the top level only if they are Hydra's own."""
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    if "hydra" in c:
+        del c["hydra"]
+    return c
+
+
+def validate(cfg: DictConfig, schema_cls: type = TrainConfig) -> DictConfig:
+    """Check ``cfg`` against ``schema_cls``; returns the merged (typed, resolved) config.
+
+    Raises:
+        ConfigError: naming the offending key and the valid keys or values.
+    """
+    base = OmegaConf.structured(schema_cls)
+    try:
+        merged = OmegaConf.merge(base, _strip(cfg, schema_cls))
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        msg = str(err).splitlines()[0]
+        hint = ""
+        valid = _valid_keys(schema_cls(), key) if key else []
+        if valid and "not in" in msg:
+            hint = f" Valid keys there: {', '.join(valid)}."
+        raise ConfigError(f"config error at '{key}': {msg}.{hint}") from None
+    for dotted, choices in CHOICES.items():
+        val = OmegaConf.select(merged, dotted, default=None)
+        if val is not None and str(val) not in choices:
+            raise ConfigError(f"config error at '{dotted}': {val!r} is not one of {', '.join(choices)}")
+    return merged
+
+
+def to_container(cfg: Any) -> Any:
+    """A plain (JSON-able, picklable without omegaconf) copy of a config node."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return cfg

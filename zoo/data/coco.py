@@ -1,0 +1,324 @@
+"""COCO-format datasets for every task: one reader, task-specific targets.
+
+:class:`CocoIndex` reads a COCO instances json with pycocotools, validates it, and maps COCO's (non-contiguous)
+category ids to contiguous labels ``0..K-1`` and back. :class:`CocoDataset` turns an index into samples for a task:
+
+=============== ==============================================================================================
+``classification`` single label: category of the largest non-crowd object (images without one are skipped)
+``multilabel``     multi-hot over categories present (crowd included), images without objects give all zeros
+``detection``      boxes (xyxy), labels, iscrowd; crowd and empty images kept
+``semantic``       per-pixel class map, 255 where crowd regions or ``ignore`` lie, background = class 0
+``instance``       detection targets + one binary mask per box
+=============== ==============================================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from zoo.preprocess import ResizeInfo, compute_resize, normalize, resize_boxes, resize_image, resize_mask
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CocoIndex", "CocoDataset", "ImageRecord", "BadAnnotationError", "TARGET_FORMATS", "load_rgb"]
+
+TARGET_FORMATS = ("classification", "multilabel", "detection", "semantic", "instance")
+IGNORE_INDEX = 255
+
+
+class BadAnnotationError(ValueError):
+    """An annotation or image entry that cannot be used; the message names it and how to proceed."""
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as an ``(H, W, 3)`` uint8 RGB array; a clear error for missing or corrupt files."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist (check data.root and the split names)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise BadAnnotationError(f"image file {path} is corrupt or not an image ({err}); delete or replace it, "
+                                 "or remove its entry from the annotation json") from err
+
+
+@dataclass
+class ImageRecord:
+    """One image and its usable annotations (boxes in original pixels, xyxy)."""
+
+    image_id: int
+    file: Path
+    height: int
+    width: int
+    boxes: np.ndarray  # (N, 4) float32 xyxy
+    labels: np.ndarray  # (N,) int64 contiguous
+    iscrowd: np.ndarray  # (N,) bool
+    areas: np.ndarray  # (N,) float32
+    ann_ids: np.ndarray  # (N,) int64
+    extra: list[dict[str, Any]] = field(default_factory=list)  # per annotation: non-standard fields (e.g. identity)
+
+
+class CocoIndex:
+    """A validated view of a COCO instances json.
+
+    Args:
+        ann_file: path to the json (``instances_<split>.json``).
+        images_dir: folder holding the image files named in ``images[].file_name``.
+        on_bad: ``"raise"`` stops at the first bad entry with a message naming it; ``"skip"`` drops bad annotations
+            (and images whose file is missing), counts them per reason and logs the counts.
+        min_box_size: boxes whose width or height (after clipping to the image) is below this many pixels are
+            dropped as degenerate (counted, never an error).
+        check_files: verify every image file exists when the index is built.
+    """
+
+    def __init__(self, ann_file: str | Path, images_dir: str | Path, *, on_bad: str = "raise",
+                 min_box_size: float = 1.0, check_files: bool = True) -> None:
+        from pycocotools.coco import COCO
+
+        self.ann_file = Path(ann_file)
+        self.images_dir = Path(images_dir)
+        if on_bad not in ("raise", "skip"):
+            raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"COCO annotation file {self.ann_file} does not exist: check data.root "
+                                    "(expected <root>/annotations/instances_<split>.json)")
+        if not self.images_dir.is_dir():
+            raise FileNotFoundError(f"image folder {self.images_dir} does not exist: check data.root and the split")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco = COCO(str(self.ann_file))
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as err:
+            raise BadAnnotationError(f"{self.ann_file} is not a valid COCO instances json: {err!r}") from err
+        self.on_bad = on_bad
+        self.min_box_size = float(min_box_size)
+        self.skipped: dict[str, int] = {}
+        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+        if not cats:
+            raise BadAnnotationError(f"{self.ann_file} has no categories")
+        self.cat_ids: list[int] = [int(c["id"]) for c in cats]
+        self.class_names: list[str] = [str(c["name"]) for c in cats]
+        self.cat_id_to_label = {cid: i for i, cid in enumerate(self.cat_ids)}
+        self.label_to_cat_id = dict(enumerate(self.cat_ids))
+        self.records: list[ImageRecord] = []
+        for img_id in sorted(self.coco.getImgIds()):
+            rec = self._build_record(img_id, check_files)
+            if rec is not None:
+                self.records.append(rec)
+        if self.skipped:
+            log.warning("%s: skipped %s (data.on_bad_annotation=skip)", self.ann_file.name,
+                        ", ".join(f"{n} {k}" for k, n in sorted(self.skipped.items())))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def _bad(self, reason: str, message: str) -> None:
+        if self.on_bad == "raise":
+            raise BadAnnotationError(f"{self.ann_file}: {message}. Fix the annotation, or set "
+                                     "data.on_bad_annotation=skip to drop such entries (they are counted and logged).")
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def _build_record(self, img_id: int, check_files: bool) -> ImageRecord | None:
+        info = self.coco.imgs[img_id]
+        file = self.images_dir / info["file_name"]
+        if check_files and not file.is_file():
+            self._bad("missing image files", f"image id {img_id}: file {file} does not exist")
+            return None
+        W, H = int(info.get("width", 0)), int(info.get("height", 0))
+        if W <= 0 or H <= 0:
+            self._bad("images without size", f"image id {img_id} ({info['file_name']}) has no valid width/height")
+            return None
+        boxes, labels, crowd, areas, ann_ids, extra = [], [], [], [], [], []
+        for ann in self.coco.imgToAnns.get(img_id, []):
+            cid = ann.get("category_id")
+            if cid not in self.cat_id_to_label:
+                self._bad("unknown category ids", f"annotation id {ann.get('id')} (image {img_id}) has category_id "
+                          f"{cid}, which is not in the json's categories {self.cat_ids[:10]}...")
+                continue
+            bbox = ann.get("bbox")
+            if bbox is None or len(bbox) != 4 or not all(np.isfinite(bbox)):
+                self._bad("malformed boxes", f"annotation id {ann.get('id')} (image {img_id}) has bbox {bbox!r}; "
+                          "expected [x, y, width, height]")
+                continue
+            x, y, w, h = (float(v) for v in bbox)
+            if w < 0 or h < 0:
+                self._bad("negative-size boxes", f"annotation id {ann.get('id')} (image {img_id}) has negative "
+                          f"width/height in bbox {bbox}")
+                continue
+            x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(W), x + w), min(float(H), y + h)
+            if x2 <= x1 or y2 <= y1:
+                if w > 0 and h > 0 and (x >= W or y >= H or x + w <= 0 or y + h <= 0):
+                    self._bad("boxes outside the image", f"annotation id {ann.get('id')} (image {img_id}, "
+                              f"{W}x{H}) has bbox {bbox} entirely outside the image")
+                    continue
+            if (x2 - x1) < self.min_box_size or (y2 - y1) < self.min_box_size:
+                self.skipped["degenerate boxes"] = self.skipped.get("degenerate boxes", 0) + 1
+                continue
+            boxes.append([x1, y1, x2, y2])
+            labels.append(self.cat_id_to_label[cid])
+            crowd.append(bool(ann.get("iscrowd", 0)))
+            areas.append(float(ann.get("area", w * h)))
+            ann_ids.append(int(ann.get("id", -1)))
+            extra.append({k: v for k, v in ann.items() if k not in
+                          ("segmentation", "bbox", "area", "iscrowd", "image_id", "category_id", "id")})
+        return ImageRecord(
+            image_id=int(img_id), file=file, height=H, width=W,
+            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            labels=np.asarray(labels, dtype=np.int64), iscrowd=np.asarray(crowd, dtype=bool),
+            areas=np.asarray(areas, dtype=np.float32), ann_ids=np.asarray(ann_ids, dtype=np.int64), extra=extra,
+        )
+
+    # ------------------------------------------------------------------ masks
+    def ann_mask(self, ann_id: int) -> np.ndarray:
+        """Binary ``(H, W)`` uint8 mask of one annotation (polygons or RLE)."""
+        return self.coco.annToMask(self.coco.anns[int(ann_id)])
+
+    def semantic_mask(self, rec: ImageRecord, *, background: bool = True) -> np.ndarray:
+        """``(H, W)`` uint8 class map: ``label + 1`` per object pixel when ``background`` (0 = background), crowd
+        regions 255 (ignored). Later (smaller) objects are painted over larger ones."""
+        out = np.zeros((rec.height, rec.width), dtype=np.uint8)
+        order = np.argsort(-rec.areas, kind="stable")
+        crowd_px = np.zeros_like(out, dtype=bool)
+        for i in order:
+            m = self.ann_mask(rec.ann_ids[i]).astype(bool)
+            if rec.iscrowd[i]:
+                crowd_px |= m
+            else:
+                out[m] = rec.labels[i] + (1 if background else 0)
+        out[crowd_px] = IGNORE_INDEX
+        return out
+
+    def primary_label(self, rec: ImageRecord) -> int | None:
+        """Label of the largest non-crowd object (by annotated area), ``None`` if there is none."""
+        keep = ~rec.iscrowd
+        if not keep.any():
+            return None
+        idx = np.flatnonzero(keep)[int(np.argmax(rec.areas[keep]))]
+        return int(rec.labels[idx])
+
+
+class CocoDataset(Dataset):
+    """Samples for one task from a :class:`CocoIndex`.
+
+    Each sample is a dict: ``image`` ``(3, h, w)`` float normalised, ``target`` (task specific, see module docs),
+    ``image_id``, ``orig_size`` ``(H, W)``, ``size`` ``(h, w)`` after resizing.
+
+    Args:
+        index: the validated COCO index.
+        target: one of :data:`TARGET_FORMATS`.
+        input_size, resize, mean, std: the model's preprocessing (see :class:`zoo.models.ModelSpec`).
+        augment: optional albumentations ``Compose`` applied to the original-resolution image (and boxes / masks)
+            before the deterministic resize; ``None`` at evaluation.
+        image_ids: restrict to these image ids.
+    """
+
+    def __init__(self, index: CocoIndex, target: str, *, input_size: Sequence[int], resize: str = "stretch",
+                 mean: Sequence[float], std: Sequence[float], augment: Callable | None = None,
+                 image_ids: Sequence[int] | None = None) -> None:
+        if target not in TARGET_FORMATS:
+            raise ValueError(f"target format {target!r} unknown; use one of {TARGET_FORMATS}")
+        self.index = index
+        self.target = target
+        self.input_size = tuple(int(s) for s in input_size)
+        self.resize = resize
+        self.mean, self.std = list(mean), list(std)
+        self.augment = augment
+        recs = index.records
+        if image_ids is not None:
+            wanted = set(int(i) for i in image_ids)
+            recs = [r for r in recs if r.image_id in wanted]
+        if target == "classification":
+            n0 = len(recs)
+            recs = [r for r in recs if index.primary_label(r) is not None]
+            if n0 - len(recs):
+                log.info("%s: %d images without a non-crowd object are not used for single-label classification",
+                         index.ann_file.name, n0 - len(recs))
+        self.records = recs
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.index.class_names
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def labels(self) -> list[int]:
+        """Single-label targets of every sample (for samplers), classification format only."""
+        return [int(self.index.primary_label(r)) for r in self.records]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        img = load_rgb(rec.file)
+        if img.shape[:2] != (rec.height, rec.width):
+            raise BadAnnotationError(f"{rec.file} is {img.shape[1]}x{img.shape[0]} but the json says "
+                                     f"{rec.width}x{rec.height}: fix images[].width/height for image id {rec.image_id}")
+        fmt = self.target
+        boxes, labels, crowd = rec.boxes, rec.labels, rec.iscrowd
+        masks = None
+        sem = None
+        if fmt == "semantic":
+            sem = self.index.semantic_mask(rec)
+        elif fmt == "instance":
+            masks = [self.index.ann_mask(a) for a in rec.ann_ids]
+        if self.augment is not None:
+            img, boxes, labels, crowd, masks, sem = self._augment(img, boxes, labels, crowd, masks, sem)
+        info = compute_resize(img.shape[:2], self.input_size, self.resize)
+        image = normalize(resize_image(img, info), self.mean, self.std)
+        sample: dict[str, Any] = {"image": image, "image_id": rec.image_id, "orig_size": (rec.height, rec.width),
+                                  "size": info.size, "scale": (info.scale_y, info.scale_x)}
+        if fmt == "classification":
+            sample["target"] = torch.tensor(self.index.primary_label(rec), dtype=torch.long)
+        elif fmt == "multilabel":
+            t = torch.zeros(self.index.num_classes)
+            t[torch.as_tensor(rec.labels, dtype=torch.long)] = 1.0
+            sample["target"] = t
+        elif fmt == "semantic":
+            sample["target"] = resize_mask(torch.from_numpy(np.ascontiguousarray(sem)).long(), info.size)
+        else:
+            tgt = {"boxes": resize_boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), info),
+                   "labels": torch.as_tensor(labels, dtype=torch.long),
+                   "iscrowd": torch.as_tensor(crowd, dtype=torch.bool)}
+            if fmt == "instance":
+                if masks:
+                    m = torch.from_numpy(np.stack(masks).astype(np.uint8))
+                    tgt["masks"] = resize_mask(m, info.size)
+                else:
+                    tgt["masks"] = torch.zeros((0, *info.size), dtype=torch.uint8)
+            sample["target"] = tgt
+        return sample
+
+    def _augment(self, img, boxes, labels, crowd, masks, sem):
+        """Run the albumentations pipeline, keeping each box with its label, crowd flag and mask."""
+        kwargs: dict[str, Any] = {"image": img}
+        has_boxes = self.target in ("detection", "instance")
+        if has_boxes:
+            kwargs["bboxes"] = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            kwargs["box_index"] = np.arange(len(boxes))
+        if masks is not None:
+            kwargs["masks"] = masks
+        if sem is not None:
+            kwargs["mask"] = sem
+        out = self.augment(**kwargs)
+        img = out["image"]
+        if has_boxes:
+            idx = np.asarray(out["box_index"], dtype=np.int64).reshape(-1)
+            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+            labels, crowd = labels[idx], crowd[idx]
+            if masks is not None:
+                masks = [out["masks"][j] for j in idx]
+        if sem is not None:
+            sem = out["mask"]
+        return img, boxes, labels, crowd, masks, sem

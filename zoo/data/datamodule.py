@@ -1,0 +1,253 @@
+"""Batches for every task: collation with padding, and a LightningDataModule built from the ``data`` config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from zoo.preprocess import pad_batch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["collate", "ZooDataModule", "build_datasets", "resolve_coco_split", "DATASET_KINDS"]
+
+IGNORE_INDEX = 255
+
+
+def collate(samples: Sequence[dict[str, Any]], *, size_divisor: int = 32) -> dict[str, Any]:
+    """Batch samples of one task.
+
+    Returns: ``images`` ``(B, 3, H, W)`` padded bottom/right to a multiple of ``size_divisor``; ``targets``: a stacked
+    tensor (class indices ``(B,)``, multi-hot ``(B, K)``, semantic maps ``(B, H, W)`` padded with 255) or a list of
+    per-image dicts (detection/instance); ``image_sizes`` ``[(h, w)]`` valid size of each image inside the padding;
+    ``orig_sizes`` ``[(H, W)]``; ``scales`` ``[(sy, sx)]``; ``image_ids``.
+    """
+    images = pad_batch([s["image"] for s in samples], size_divisor=size_divisor)
+    batch: dict[str, Any] = {
+        "images": images,
+        "image_sizes": [tuple(s["size"]) for s in samples],
+        "orig_sizes": [tuple(s["orig_size"]) for s in samples],
+        "scales": [tuple(s["scale"]) for s in samples],
+        "image_ids": [s["image_id"] for s in samples],
+    }
+    if "target" in samples[0]:
+        t0 = samples[0]["target"]
+        if isinstance(t0, torch.Tensor) and t0.dim() == 2:  # semantic maps
+            H, W = images.shape[-2:]
+            tgt = torch.full((len(samples), H, W), IGNORE_INDEX, dtype=torch.long)
+            for i, s in enumerate(samples):
+                m = s["target"]
+                tgt[i, : m.shape[0], : m.shape[1]] = m
+            batch["targets"] = tgt
+        elif isinstance(t0, torch.Tensor):
+            batch["targets"] = torch.stack([s["target"] for s in samples])
+        else:
+            batch["targets"] = [s["target"] for s in samples]
+    for key in samples[0]:
+        if key not in batch and key not in ("image", "target", "size", "orig_size", "scale", "image_id"):
+            vals = [s[key] for s in samples]
+            batch[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return batch
+
+
+class _Collate:
+    """Picklable collate with a size divisor (workers need picklable callables)."""
+
+    def __init__(self, size_divisor: int) -> None:
+        self.size_divisor = size_divisor
+
+    def __call__(self, samples):
+        return collate(samples, size_divisor=self.size_divisor)
+
+
+def _lightning_base():
+    import lightning.pytorch as pl
+
+    return pl.LightningDataModule
+
+
+class ZooDataModule(_lightning_base()):
+    """Train/val loaders with workers, pinned memory and persistent workers.
+
+    Args:
+        train_set, val_set: datasets returning sample dicts (see :func:`collate`).
+        batch_size: training batch size per device; ``eval_batch_size`` defaults to it.
+        num_workers: loader processes (0 loads in the main process).
+        pin_memory: pin host memory (only used when a GPU is present).
+        persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
+        size_divisor: padding multiple for batched images.
+        train_batch_sampler: factory ``(dataset, batch_size) -> batch sampler`` (e.g. class-balanced); replaces shuffle.
+        info: free metadata (class names, category ids, ...) the task reads.
+    """
+
+    def __init__(self, train_set: Dataset | None, val_set: Dataset | None, *, batch_size: int = 32,
+                 eval_batch_size: int | None = None, num_workers: int = 2, pin_memory: bool = True,
+                 persistent_workers: bool = True, size_divisor: int = 32,
+                 train_batch_sampler: Callable | None = None, drop_last: bool = True,
+                 info: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.collate = _Collate(size_divisor)
+        self.train_batch_sampler = train_batch_sampler
+        self.drop_last = drop_last
+        self.info = dict(info or {})
+
+    def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.collate,
+                      persistent_workers=self.persistent_workers)
+        if train and self.train_batch_sampler is not None:
+            return DataLoader(ds, batch_sampler=self.train_batch_sampler(ds, self.batch_size), **common)
+        bs = self.batch_size if train else self.eval_batch_size
+        drop = train and self.drop_last and len(ds) > bs
+        return DataLoader(ds, batch_size=bs, shuffle=train, drop_last=drop, **common)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError("this data module has no training split")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            raise RuntimeError("this data module has no validation split")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+# ---------------------------------------------------------------------------------------------------- builders
+def resolve_coco_split(root: Path, split: str, *, ann_file: str | None = None,
+                       images: str | None = None) -> tuple[Path, Path]:
+    """Annotation json and image folder of a COCO split: ``<root>/annotations/instances_<split>.json`` and
+    ``<root>/<split>/`` unless given explicitly (relative paths are taken under ``root``)."""
+    ann = Path(ann_file) if ann_file else root / "annotations" / f"instances_{split}.json"
+    img = Path(images) if images else root / split
+    if not ann.is_absolute() and ann_file:
+        ann = root / ann
+    if not img.is_absolute() and images:
+        img = root / img
+    return ann, img
+
+
+def _limit(ds: Dataset, n: int | None) -> Dataset:
+    if n is None or n <= 0 or n >= len(ds):
+        return ds
+    sub = Subset(ds, range(int(n)))
+    for attr in ("class_names", "index"):
+        if hasattr(ds, attr):
+            setattr(sub, attr, getattr(ds, attr))
+    return sub
+
+
+def _coco_sets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], augment, stages: Sequence[str]):
+    from zoo.data.coco import CocoDataset, CocoIndex
+
+    if cfg["kind"] == "shapes":
+        from zoo.data.shapes import ensure_shapes_dataset
+
+        root = ensure_shapes_dataset(cfg.get("root"), **dict(cfg.get("shapes") or {}))
+    else:
+        if not cfg.get("root"):
+            raise ValueError("data.root is required for data=coco: the folder holding annotations/instances_<split>.json "
+                             "and the <split>/ image folders (e.g. data.root=../shared/data/coco128)")
+        root = Path(cfg["root"]).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root={str(root)!r} does not exist")
+    out: dict[str, Any] = {"root": str(root)}
+    kw = dict(on_bad=cfg.get("on_bad_annotation", "raise"), min_box_size=cfg.get("min_box_size", 1.0))
+    indices = {}
+    for stage in stages:
+        split = cfg[f"{stage}_split"]
+        ann, img = resolve_coco_split(root, split, ann_file=cfg.get(f"{stage}_ann"), images=cfg.get(f"{stage}_images"))
+        if stage == "val" and not ann.is_file():
+            tsplit = cfg["train_split"]
+            tann, timg = resolve_coco_split(root, tsplit, ann_file=cfg.get("train_ann"), images=cfg.get("train_images"))
+            if tann.is_file():
+                log.warning("validation split %s not found at %s: validating on the training split %s (how well the "
+                            "model fits, not how it generalises). Set data.val_split to use a held-out split.",
+                            split, ann, tsplit)
+                ann, img = tann, timg
+        key = (str(ann), str(img))
+        if key not in indices:
+            indices[key] = CocoIndex(ann, img, **kw)
+        index = indices[key]
+        ds = CocoDataset(index, fmt, augment=augment if stage == "train" else None, **pre)
+        out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
+        out.setdefault("class_names", index.class_names)
+        out.setdefault("category_ids", index.cat_ids)
+        out[f"{stage}_ann_file"] = str(ann)
+    return out
+
+
+def _image_folder_sets(cfg, fmt, pre, augment, stages):
+    from zoo.data.folders import ImageFolderDataset
+
+    if fmt != "classification":
+        raise ValueError(f"data=image_folder serves single-label classification only, not {fmt!r}")
+    if not cfg.get("root"):
+        raise ValueError("data.root is required for data=image_folder: <root>/<split>/<class>/<images>")
+    root = Path(cfg["root"]).expanduser()
+    out: dict[str, Any] = {"root": str(root)}
+    names = None
+    for stage in stages:
+        split_dir = root / cfg[f"{stage}_split"]
+        ds = ImageFolderDataset(split_dir, class_names=names, augment=augment if stage == "train" else None, **pre)
+        names = ds.class_names
+        out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
+        out.setdefault("class_names", ds.class_names)
+    return out
+
+
+#: data.kind -> builder(cfg, target_format, preprocessing kwargs, augment, stages) -> {"train", "val", "class_names", ...}
+DATASET_KINDS: dict[str, Callable] = {
+    "coco": _coco_sets,
+    "shapes": _coco_sets,
+    "image_folder": _image_folder_sets,
+}
+
+
+def build_datasets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], *, augment=None,
+                   stages: Sequence[str] = ("train", "val")) -> dict[str, Any]:
+    """Datasets for ``stages`` from a ``data`` config, for target format ``fmt`` with preprocessing ``pre``
+    (``input_size``, ``resize``, ``mean``, ``std``)."""
+    kind = cfg["kind"]
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"data.kind={kind!r} unknown; use one of {sorted(DATASET_KINDS)}")
+    return DATASET_KINDS[kind](cfg, fmt, pre, augment, stages)
+
+
+def datamodule_from_config(data_cfg: Any, fmt: str, pre: Mapping[str, Any], *, size_divisor: int = 32,
+                           stages: Sequence[str] = ("train", "val"), boxes: bool = False,
+                           train_batch_sampler: Callable | None = None, seed: int | None = None) -> ZooDataModule:
+    """Datasets + augmentation + loaders from a validated ``data`` config.
+
+    Args:
+        data_cfg: the ``data`` node (omegaconf or dict).
+        fmt: target format (see ``zoo.data.coco.TARGET_FORMATS``).
+        pre: the model's preprocessing (``input_size``, ``resize``, ``mean``, ``std``).
+        boxes: the pipeline must move boxes (detection / instance).
+    """
+    from zoo.config import to_container
+    from zoo.data.transforms import build_augment
+
+    cfg = to_container(data_cfg)
+    augment = None
+    if "train" in stages:
+        augment = build_augment(cfg.get("augment"), boxes=boxes, min_visibility=float(cfg.get("min_visibility", 0.3)),
+                                seed=seed)
+    sets = build_datasets(cfg, fmt, pre, augment=augment, stages=stages)
+    info = {k: v for k, v in sets.items() if k not in ("train", "val")}
+    info["kind"] = cfg["kind"]
+    return ZooDataModule(sets.get("train"), sets.get("val"), batch_size=cfg["batch_size"],
+                         eval_batch_size=cfg.get("eval_batch_size"), num_workers=cfg["num_workers"],
+                         pin_memory=cfg["pin_memory"], persistent_workers=cfg["persistent_workers"],
+                         size_divisor=size_divisor, train_batch_sampler=train_batch_sampler, info=info)

@@ -1,0 +1,72 @@
+"""Folder datasets: ImageFolder-style classification (``root/<split>/<class>/*.jpg``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from zoo.data.coco import load_rgb
+from zoo.preprocess import compute_resize, normalize, resize_image
+
+__all__ = ["ImageFolderDataset", "IMAGE_EXTENSIONS", "list_images"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class ImageFolderDataset(Dataset):
+    """Single-label classification from ``root/<class name>/<image>`` (one sub-folder per class, sorted names).
+
+    Args:
+        root: the split folder.
+        class_names: fix the class list (e.g. the training split's for validation); default: the sub-folders.
+        input_size, resize, mean, std, augment: as in :class:`zoo.data.coco.CocoDataset`.
+    """
+
+    def __init__(self, root: str | Path, *, input_size: Sequence[int], resize: str = "stretch",
+                 mean: Sequence[float], std: Sequence[float], augment: Callable | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist: expected <data.root>/<split>/<class>/*.jpg")
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.class_names = list(class_names) if class_names is not None else found
+        if not self.class_names:
+            raise ValueError(f"{self.root} has no class sub-folders: expected {self.root}/<class name>/<images>")
+        unknown = sorted(set(found) - set(self.class_names))
+        if unknown:
+            raise ValueError(f"{self.root} has class folders {unknown} that the training split does not have")
+        self.samples: list[tuple[Path, int]] = []
+        for label, name in enumerate(self.class_names):
+            d = self.root / name
+            if d.is_dir():
+                self.samples += [(p, label) for p in list_images(d)]
+        if not self.samples:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}/<class>/")
+        self.input_size = tuple(int(s) for s in input_size)
+        self.resize, self.mean, self.std, self.augment = resize, list(mean), list(std), augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def labels(self) -> list[int]:
+        return [lab for _, lab in self.samples]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path, label = self.samples[i]
+        img = load_rgb(path)
+        H, W = img.shape[:2]
+        if self.augment is not None:
+            img = self.augment(image=img)["image"]
+        info = compute_resize(img.shape[:2], self.input_size, self.resize)
+        return {"image": normalize(resize_image(np.ascontiguousarray(img), info), self.mean, self.std),
+                "target": torch.tensor(label, dtype=torch.long), "image_id": i, "orig_size": (H, W),
+                "size": info.size, "scale": (info.scale_y, info.scale_x)}

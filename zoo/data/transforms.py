@@ -1,0 +1,61 @@
+"""albumentations training pipelines from plain config lists.
+
+A pipeline is a list of ops, each ``{"type": "<albumentations class>", **kwargs}`` (``_target_`` with a full
+``albumentations.X`` path is accepted too), e.g. from Hydra::
+
+    augment:
+      - {type: HorizontalFlip, p: 0.5}
+      - {type: ColorJitter, brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.02, p: 0.8}
+
+Boxes (pascal_voc xyxy pixels) travel with a ``box_index`` label field, so a box dropped by a crop drops its
+label, crowd flag and mask with it; boxes are clipped to the image, and boxes left with less than
+``min_visibility`` of their area or ``min_area`` pixels are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+
+__all__ = ["build_augment"]
+
+
+def _build_op(spec: Mapping[str, Any]) -> A.BasicTransform:
+    spec = dict(spec)
+    name = spec.pop("type", None) or spec.pop("_target_", None)
+    if not name:
+        raise ValueError(f"augmentation op {spec} needs a 'type' (an albumentations class name, e.g. HorizontalFlip)")
+    name = str(name).removeprefix("albumentations.").removeprefix("A.")
+    cls = getattr(A, name, None)
+    if cls is None:
+        raise ValueError(f"augmentation type {name!r} is not an albumentations transform (see albumentations docs)")
+    if "transforms" in spec:  # OneOf / SomeOf / Sequential
+        spec["transforms"] = [_build_op(t) for t in spec["transforms"]]
+    try:
+        return cls(**spec)
+    except TypeError as err:
+        raise ValueError(f"augmentation {name}: bad arguments {spec}: {err}") from err
+
+
+def build_augment(ops: Sequence[Mapping[str, Any]] | None, *, boxes: bool = False, min_visibility: float = 0.3,
+                  min_area: float = 4.0, seed: int | None = None) -> A.Compose | None:
+    """Compose the ops; ``None`` or an empty list gives ``None`` (no augmentation).
+
+    Args:
+        ops: op configs (see module docs).
+        boxes: add box handling (pascal_voc, clipped, filtered by ``min_visibility``/``min_area``).
+        seed: seed albumentations' RNG (per worker seeding is done by the data loader).
+    """
+    if not ops:
+        return None
+    kwargs: dict[str, Any] = {}
+    if boxes:
+        kwargs["bbox_params"] = A.BboxParams(format="pascal_voc", label_fields=["box_index"], clip=True,
+                                             min_visibility=min_visibility, min_area=min_area)
+    if seed is not None:
+        kwargs["seed"] = seed
+    return A.Compose([_build_op(o) for o in ops], **kwargs)

@@ -1,0 +1,1 @@
+"""Heads: each offers ``forward(features) -> raw``, ``loss(raw, targets) -> dict`` and ``postprocess(raw, ...)``."""

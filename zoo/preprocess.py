@@ -1,0 +1,109 @@
+"""Deterministic evaluation/serving preprocessing: resize policy + normalisation.
+
+Shared by the evaluation datasets and by :class:`zoo.Predictor`, so that a service sees exactly the tensors
+evaluation saw. Only torch and numpy: this module is on the lean serving path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["RESIZE_MODES", "ResizeInfo", "compute_resize", "resize_image", "normalize", "resize_boxes",
+           "resize_mask", "pad_batch"]
+
+RESIZE_MODES = ("stretch", "longest", "letterbox")
+
+
+@dataclass(frozen=True)
+class ResizeInfo:
+    """How an image was resized: ``orig_size`` and ``size`` are ``(h, w)``; coordinates in the resized image are
+    original coordinates times ``(scale_y, scale_x)``."""
+
+    orig_size: tuple[int, int]
+    size: tuple[int, int]
+    scale_y: float
+    scale_x: float
+
+
+def compute_resize(orig_size: Sequence[int], input_size: Sequence[int], mode: str) -> ResizeInfo:
+    """Target size for an image of ``orig_size`` (h, w) under ``mode``.
+
+    ``stretch``: exactly ``input_size``. ``longest``: longest side becomes ``max(input_size)``, aspect kept.
+    ``letterbox``: fits inside ``input_size``, aspect kept (padding happens at collation / in the predictor).
+    """
+    h, w = int(orig_size[0]), int(orig_size[1])
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got {(h, w)}")
+    th, tw = int(input_size[0]), int(input_size[1])
+    if mode == "stretch":
+        nh, nw = th, tw
+    elif mode in ("longest", "letterbox"):
+        s = max(th, tw) / max(h, w) if mode == "longest" else min(th / h, tw / w)
+        nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    else:
+        raise ValueError(f"resize mode {mode!r} unknown; use one of {RESIZE_MODES}")
+    return ResizeInfo((h, w), (nh, nw), nh / h, nw / w)
+
+
+def resize_image(image: np.ndarray | torch.Tensor, info: ResizeInfo) -> torch.Tensor:
+    """Resize an RGB image to ``info.size`` with antialiased bilinear interpolation.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 array or ``(3, H, W)`` uint8/float tensor (0..255).
+    Returns: ``(3, h, w)`` float32 tensor in 0..1.
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    else:
+        t = image
+    t = t.float().div_(255.0) if t.dtype == torch.uint8 else t.float() / 255.0
+    if tuple(t.shape[-2:]) != tuple(info.size):
+        t = F.interpolate(t[None], size=info.size, mode="bilinear", align_corners=False,
+                          antialias=True)[0].clamp_(0.0, 1.0)
+    return t
+
+
+def normalize(t: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(t - mean) / std`` per channel on a ``(3, H, W)`` or ``(B, 3, H, W)`` tensor in 0..1."""
+    m = torch.as_tensor(mean, dtype=t.dtype, device=t.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=t.dtype, device=t.device).view(-1, 1, 1)
+    return (t - m) / s
+
+
+def resize_boxes(boxes: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
+    """Scale xyxy boxes ``(N, 4)`` from original to resized coordinates."""
+    scale = boxes.new_tensor([info.scale_x, info.scale_y, info.scale_x, info.scale_y])
+    return boxes * scale
+
+
+def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resize of an integer mask ``(H, W)`` or masks ``(N, H, W)`` to ``size`` (h, w)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    squeeze = mask.dim() == 2
+    m = mask[None] if squeeze else mask
+    out = F.interpolate(m[None].float(), size=tuple(size), mode="nearest")[0].to(mask.dtype)
+    return out[0] if squeeze else out
+
+
+def pad_batch(images: Sequence[torch.Tensor], *, size_divisor: int = 32, min_size: Sequence[int] | None = None,
+              value: float = 0.0) -> torch.Tensor:
+    """Stack ``(3, h_i, w_i)`` images into ``(B, 3, H, W)``, padding bottom/right to a multiple of ``size_divisor``
+    (and at least ``min_size``)."""
+    H = max(int(im.shape[-2]) for im in images)
+    W = max(int(im.shape[-1]) for im in images)
+    if min_size is not None:
+        H, W = max(H, int(min_size[0])), max(W, int(min_size[1]))
+    d = max(1, int(size_divisor))
+    H, W = (H + d - 1) // d * d, (W + d - 1) // d * d
+    out = images[0].new_full((len(images), images[0].shape[0], H, W), value)
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[-2], : im.shape[-1]] = im
+    return out

@@ -1,0 +1,216 @@
+"""Shared LightningModule machinery: the ZooModel, optimiser and schedule from config, EMA, channels_last,
+torch.compile, and the hooks every task fills in (``build`` from config, ``main_metric``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from zoo.models import ModelSpec, ZooModel, create_model
+
+__all__ = ["ZooTask", "build_optimizer", "build_lr_lambda", "default_mean_std"]
+
+
+def default_mean_std(backbone_name: str) -> tuple[list[float], list[float]]:
+    """The backbone's pretrained normalisation (timm's pretrained_cfg), ImageNet's when it has none."""
+    import timm
+
+    try:
+        pcfg = timm.get_pretrained_cfg(backbone_name)
+        mean, std = pcfg.mean, pcfg.std  # type: ignore[union-attr]
+        if mean and std:
+            return [float(m) for m in mean], [float(s) for s in std]
+    except Exception:  # noqa: BLE001 - any model without a pretrained cfg
+        pass
+    return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], extra_params: list[nn.Parameter] | None = None
+                    ) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD over ``model``'s trainable parameters.
+
+    Norm and bias parameters get no weight decay when ``no_weight_decay_norm_bias``; backbone parameters are scaled
+    by ``backbone_lr_mult``. ``extra_params`` (e.g. loss proxies) join the head group.
+    """
+    lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
+    mult = float(cfg.get("backbone_lr_mult", 1.0))
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = bool(cfg.get("no_weight_decay_norm_bias", True)) and (p.ndim <= 1 or name.endswith(".bias"))
+        is_bb = name.startswith("backbone.")
+        groups.setdefault((is_bb, no_decay), []).append(p)
+    for p in extra_params or []:
+        groups.setdefault((False, False), []).append(p)
+    param_groups = [{"params": ps, "lr": lr * (mult if bb else 1.0), "weight_decay": 0.0 if nd else wd}
+                    for (bb, nd), ps in groups.items() if ps]
+    name = cfg["name"]
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(param_groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=float(cfg.get("momentum", 0.9)),
+                               nesterov=bool(cfg.get("nesterov", False)), weight_decay=wd)
+    raise ValueError(f"optimizer.name={name!r} unknown; use adamw, adam or sgd")
+
+
+def build_lr_lambda(cfg: Mapping[str, Any], total_steps: int, steps_per_epoch: int):
+    """Per-step LR multiplier: linear warm-up (``warmup_epochs``, from ``warmup_start_factor``) then cosine to
+    ``min_lr_factor`` / constant / step decay at ``step_epochs`` by ``gamma``."""
+    name = cfg["name"]
+    warm = int(round(float(cfg.get("warmup_epochs", 0.0)) * steps_per_epoch))
+    total = max(1, int(total_steps))
+    warm = min(warm, total - 1) if total > 1 else 0
+    start = float(cfg.get("warmup_start_factor", 0.01))
+    floor = float(cfg.get("min_lr_factor", 0.0))
+    milestones = [int(e * steps_per_epoch) for e in cfg.get("step_epochs", [])]
+    gamma = float(cfg.get("gamma", 0.1))
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return start + (1.0 - start) * step / max(1, warm)
+        if name == "cosine":
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+        if name == "step":
+            return gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return fn
+
+
+class ZooTask(pl.LightningModule):
+    """Base task. Subclasses set :attr:`main_metric`/:attr:`main_mode` and implement the steps and
+    :meth:`build` (data module + constructor kwargs from a validated config).
+
+    Args:
+        spec: the model spec (dict form), stored in the checkpoint so a model rebuilds from it alone.
+        optimizer, scheduler: config dicts (see ``zoo.config``).
+        options: task options (loss settings, EMA, post-processing, channels_last, compile, ...).
+        data_info: dataset facts stored with the model (class names, category ids, dataset name).
+        init_weights: load the backbone's pretrained/local weights when building (``False`` when the weights come
+            from a checkpoint anyway).
+    """
+
+    main_metric = "val/loss"
+    main_mode = "min"
+    data_format = "classification"
+
+    def __init__(self, spec: dict, optimizer: dict, scheduler: dict, options: dict | None = None,
+                 data_info: dict | None = None, init_weights: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["init_weights"])
+        self.options = dict(options or {})
+        self.data_info = dict(data_info or {})
+        self.model: ZooModel = create_model(ModelSpec.from_dict(spec), load_backbone_weights=init_weights)
+        ema = self.options.get("ema") or {}
+        self.ema = None
+        if ema.get("enabled"):
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=float(ema.get("decay", 0.999)), use_warmup=bool(ema.get("warmup", True)))
+        self._compiled = None
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def eval_model(self) -> ZooModel:
+        """The weights used for validation and export: the EMA copy when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters outside the model (e.g. metric-learning proxies)."""
+        return []
+
+    def on_fit_start(self) -> None:
+        if self.options.get("channels_last"):
+            self.model.to(memory_format=torch.channels_last)
+        if self.options.get("compile") and self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self.model, mode=self.options.get("compile_mode")))
+
+    def train_model(self) -> nn.Module:
+        """The module used in training steps (compiled when ``trainer.compile``)."""
+        return self._compiled if self._compiled is not None else self.model
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        if self.options.get("channels_last"):
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.model, self.hparams.optimizer, self.extra_parameters())
+        sched_cfg = self.hparams.scheduler
+        if sched_cfg["name"] == "none":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        per_epoch = max(1, total // epochs) if self.trainer.max_epochs and self.trainer.max_epochs > 0 else total
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, build_lr_lambda(sched_cfg, total, per_epoch))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ construction from config
+    @classmethod
+    def build(cls, cfg: Any, *, stages: tuple[str, ...] = ("train", "val")) -> tuple[Any, dict]:
+        """Return ``(datamodule, constructor kwargs)`` for a validated config. Implemented by each task."""
+        raise NotImplementedError
+
+    @staticmethod
+    def base_spec(cfg: Any, heads: dict, *, necks: dict | None = None, class_names: dict | None = None,
+                  extra: dict | None = None) -> dict:
+        """A spec dict from the config's backbone and model preprocessing settings."""
+        from zoo.config import to_container
+
+        bb = {k: v for k, v in to_container(cfg.backbone).items() if v is not None and k != "pyramid_channels"}
+        if cfg.backbone.pyramid_channels:
+            bb["pyramid_channels"] = int(cfg.backbone.pyramid_channels)
+        mean, std = default_mean_std(cfg.backbone.name)
+        m = cfg.model
+        return ModelSpec(
+            backbone=bb, heads=heads, necks=necks or {}, class_names=class_names or {},
+            input_size=[int(s) for s in m.input_size], resize=str(m.resize),
+            mean=list(m.mean) if m.mean is not None else mean, std=list(m.std) if m.std is not None else std,
+            size_divisor=int(m.size_divisor), task=str(m.task), extra=extra or {},
+        ).to_dict()
+
+    @staticmethod
+    def task_options(cfg: Any) -> dict:
+        from zoo.config import to_container
+
+        return {"ema": to_container(cfg.model.ema), "channels_last": bool(cfg.trainer.channels_last),
+                "compile": bool(cfg.trainer.compile), "compile_mode": cfg.trainer.compile_mode,
+                "postprocess": to_container(cfg.model.postprocess), **to_container(cfg.model.extra)}
+
+    @staticmethod
+    def preprocessing(spec: dict) -> dict:
+        return {"input_size": spec["input_size"], "resize": spec["resize"], "mean": spec["mean"], "std": spec["std"]}
+
+    checks_class_names = True
+
+    def eval_datamodule(self, data_cfg: Any):
+        """A validation-only data module for this model: the model's own preprocessing and target format, and a
+        check that the dataset's classes are the model's."""
+        from zoo.data.datamodule import datamodule_from_config
+
+        spec = self.hparams.spec
+        fmt = (self.hparams.data_info or {}).get("format", self.data_format)
+        dm = datamodule_from_config(data_cfg, fmt, self.preprocessing(spec), size_divisor=spec["size_divisor"],
+                                    stages=("val",))
+        names = dm.info.get("class_names")
+        model_names = next(iter(spec.get("class_names", {}).values()), None)
+        if names is not None and model_names is not None and self.checks_class_names and list(names) != list(model_names):
+            raise ValueError(f"the dataset's classes ({len(names)}: {list(names)[:5]}...) are not the model's "
+                             f"({len(model_names)}: {list(model_names)[:5]}...): evaluate on data with the same categories")
+        return dm
