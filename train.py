@@ -12,6 +12,8 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import hydra  # noqa: E402
+
+import zoo.config  # noqa: E402,F401  (registers the typed config schemas with Hydra)
 from omegaconf import DictConfig  # noqa: E402
 
 

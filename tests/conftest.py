@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import zoo.config  # noqa: E402,F401  (registers the config schemas)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

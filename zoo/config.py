@@ -279,3 +279,17 @@ def to_container(cfg: Any) -> Any:
     if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     return cfg
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore as ``train_schema`` / ``evaluate_schema``: the entry configs
+    list them first in their defaults, so every group is merged over its typed schema at composition (unknown keys
+    and wrong types fail there, and every schema key can be overridden without ``+``)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvalConfig)
+
+
+register_configs()

@@ -207,11 +207,77 @@ def _image_folder_sets(cfg, fmt, pre, augment, stages):
     return out
 
 
+def _mask_folder_sets(cfg, fmt, pre, augment, stages):
+    from zoo.data.mask_folder import MaskFolderDataset
+
+    if fmt != "semantic":
+        raise ValueError(f"data=mask_folder serves semantic segmentation only, not {fmt!r}")
+    if not cfg.get("root"):
+        raise ValueError("data.root is required for data=mask_folder: <root>/<split>/images and <root>/<split>/masks")
+    root = Path(cfg["root"]).expanduser()
+    names = (cfg.get("extra") or {}).get("class_names")
+    out: dict[str, Any] = {"root": str(root)}
+    for stage in stages:
+        ds = MaskFolderDataset(root / cfg[f"{stage}_split"], class_names=names,
+                               augment=augment if stage == "train" else None, **pre)
+        names = ds.class_names
+        out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
+        out.setdefault("class_names", ds.class_names)
+    out["has_background"] = False
+    return out
+
+
+def _crops_sets(cfg, fmt, pre, augment, stages):
+    """Object crops with identities (similarity). Training identities and held-out identities are disjoint: the
+    training split keeps the training identities, validation keeps the held-out ones (open-set retrieval)."""
+    from zoo.data.coco import CocoIndex
+    from zoo.data.crops import CocoCropsDataset, split_identities
+
+    if fmt != "similarity":
+        raise ValueError(f"data={cfg['kind']} serves similarity only, not {fmt!r}")
+    extra = dict(cfg.get("extra") or {})
+    if cfg["kind"] == "shapes":
+        from zoo.data.shapes import ensure_shapes_dataset
+
+        root = ensure_shapes_dataset(cfg.get("root"), **dict(cfg.get("shapes") or {}))
+        extra.setdefault("identity", "identity")
+    else:
+        if not cfg.get("root"):
+            raise ValueError("data.root is required for data=coco_crops")
+        root = Path(cfg["root"]).expanduser()
+    identity = extra.get("identity", "category")
+    crop_kw = dict(identity=identity, context=float(extra.get("context", 0.1)),
+                   min_size=float(extra.get("min_size", 8.0)))
+    kw = dict(on_bad=cfg.get("on_bad_annotation", "raise"), min_box_size=cfg.get("min_box_size", 1.0))
+    indices: dict[str, Any] = {}
+    for stage in ("train", "val"):
+        ann, img = resolve_coco_split(root, cfg[f"{stage}_split"], ann_file=cfg.get(f"{stage}_ann"),
+                                      images=cfg.get(f"{stage}_images"))
+        if stage == "val" and not ann.is_file():
+            ann, img = resolve_coco_split(root, cfg["train_split"], ann_file=cfg.get("train_ann"),
+                                          images=cfg.get("train_images"))
+        indices[stage] = CocoIndex(ann, img, **kw)
+    probe = CocoCropsDataset(indices["train"], **crop_kw, **pre)
+    all_ids = sorted(set(probe.all_identities()) | set(CocoCropsDataset(indices["val"], **crop_kw, **pre).all_identities()))
+    train_ids, test_ids = split_identities(all_ids, float(extra.get("test_identity_fraction", 0.3)),
+                                           int(extra.get("split_seed", 0)))
+    out: dict[str, Any] = {"root": str(root), "train_identities": train_ids, "test_identities": test_ids}
+    for stage in stages:
+        ids = train_ids if stage == "train" else test_ids
+        ds = CocoCropsDataset(indices[stage], identities=ids, augment=augment if stage == "train" else None,
+                              **crop_kw, **pre)
+        out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
+    out["class_names"] = train_ids
+    return out
+
+
 #: data.kind -> builder(cfg, target_format, preprocessing kwargs, augment, stages) -> {"train", "val", "class_names", ...}
 DATASET_KINDS: dict[str, Callable] = {
     "coco": _coco_sets,
     "shapes": _coco_sets,
     "image_folder": _image_folder_sets,
+    "mask_folder": _mask_folder_sets,
+    "coco_crops": _crops_sets,
 }
 
 
@@ -220,6 +286,8 @@ def build_datasets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], *, 
     """Datasets for ``stages`` from a ``data`` config, for target format ``fmt`` with preprocessing ``pre``
     (``input_size``, ``resize``, ``mean``, ``std``)."""
     kind = cfg["kind"]
+    if fmt == "similarity" and kind in ("shapes", "coco"):
+        kind = "coco_crops"
     if kind not in DATASET_KINDS:
         raise ValueError(f"data.kind={kind!r} unknown; use one of {sorted(DATASET_KINDS)}")
     return DATASET_KINDS[kind](cfg, fmt, pre, augment, stages)

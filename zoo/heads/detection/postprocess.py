@@ -1,0 +1,81 @@
+"""The one post-processing step every detection head shares: score threshold, top-k, clipping, per-class NMS."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+
+__all__ = ["postprocess_detections", "resolve_thresholds"]
+
+
+def resolve_thresholds(defaults: dict[str, float | int], **overrides: float | int | None) -> dict[str, float | int]:
+    """Merge per-call overrides (``None`` = keep the default) into a head's post-processing defaults."""
+    out = dict(defaults)
+    for key, value in overrides.items():
+        if key not in out:
+            raise TypeError(f"unknown post-processing option {key!r}; known: {sorted(out)}")
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def postprocess_detections(
+    boxes: torch.Tensor | Sequence[torch.Tensor],
+    scores: torch.Tensor | Sequence[torch.Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    *,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.6,
+    max_detections: int = 100,
+    pre_nms_topk: int = 1000,
+    min_size: float = 1e-2,
+) -> list[dict[str, torch.Tensor]]:
+    """Turn per-candidate boxes and per-class scores into final detections, one image at a time.
+
+    Every (candidate, class) pair with a score above ``score_thresh`` is a detection candidate; the best
+    ``pre_nms_topk`` of them are clipped to the image, tiny boxes dropped, per-class NMS
+    (:func:`torchvision.ops.batched_nms`) applied and the best ``max_detections`` kept.
+
+    Args:
+        boxes: per image, candidate boxes xyxy in input pixels: class-agnostic ``(N, 4)`` or class-specific
+            ``(N, K, 4)``; a batched tensor ``(B, N, 4)`` / ``(B, N, K, 4)`` or a list of per-image tensors.
+        scores: per image, class probabilities ``(N, K)`` (no background column); batched ``(B, N, K)`` or a list.
+        image_sizes: valid ``(height, width)`` of each image; boxes are clipped to it.
+        score_thresh: minimum score of a kept detection.
+        nms_thresh: IoU above which a lower-scoring box of the same class is suppressed.
+        max_detections: detections kept per image.
+        pre_nms_topk: candidates (box, class pairs) entering NMS per image.
+        min_size: boxes narrower or shorter than this (pixels) after clipping are dropped.
+
+    Returns:
+        one dict per image: ``boxes`` ``(M, 4)`` float32 xyxy, ``scores`` ``(M,)`` float32 sorted descending,
+        ``labels`` ``(M,)`` int64 in ``0..K-1``; ``M <= max_detections``.
+    """
+    if len(boxes) != len(scores) or len(scores) != len(image_sizes):
+        raise ValueError(f"postprocess got {len(boxes)} box sets, {len(scores)} score sets and "
+                         f"{len(image_sizes)} image sizes; they must match (one per image)")
+    results: list[dict[str, torch.Tensor]] = []
+    for img_boxes, img_scores, size in zip(boxes, scores, image_sizes):
+        num_classes = img_scores.shape[-1]
+        flat = img_scores.reshape(-1).float()
+        cand = torch.nonzero(flat > score_thresh).squeeze(1)
+        cand_scores = flat[cand]
+        if cand.numel() > pre_nms_topk:
+            cand_scores, order = cand_scores.topk(int(pre_nms_topk))
+            cand = cand[order]
+        box_idx = torch.div(cand, num_classes, rounding_mode="floor")
+        labels = cand % num_classes
+        if img_boxes.dim() == 2:
+            sel = img_boxes[box_idx]
+        elif img_boxes.dim() == 3:
+            sel = img_boxes[box_idx, labels]
+        else:
+            raise ValueError(f"boxes per image must be (N, 4) or (N, K, 4), got {tuple(img_boxes.shape)}")
+        sel = clip_boxes_to_image(sel.float(), (int(size[0]), int(size[1])))
+        keep = remove_small_boxes(sel, min_size)
+        sel, cand_scores, labels = sel[keep], cand_scores[keep], labels[keep]
+        keep = batched_nms(sel, cand_scores, labels, float(nms_thresh))[: int(max_detections)]
+        results.append({"boxes": sel[keep], "scores": cand_scores[keep], "labels": labels[keep].long()})
+    return results

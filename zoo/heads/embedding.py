@@ -1,0 +1,160 @@
+"""Embedding head for similarity search / metric learning: pooling, projection, optional BNNeck, L2 normalisation.
+
+The metric-learning loss is not part of the head (it may own trainable proxies, and the serving path must not need
+``pytorch-metric-learning``): build it with :func:`zoo.losses.metric_learning.build_metric_loss` in the training task.
+Only torch is imported here: this module is on the lean serving path.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["EmbeddingHead", "GeM", "AttentionPool2d", "POOLINGS"]
+
+#: Pooling names accepted by :class:`EmbeddingHead`.
+POOLINGS = ("gem", "avg", "attention")
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenović et al. 2018) with a learnable exponent.
+
+    ``out = (mean_{h,w} clamp(x, eps)^p)^(1/p)``; ``p = 1`` is average pooling and ``p -> inf`` max pooling.
+    Computed in float32 so ``x^p`` does not overflow under fp16 autocast.
+
+    Args:
+        p: initial exponent (must be > 0).
+        learnable: make ``p`` a trainable parameter.
+        eps: lower clamp of the activations (GeM needs non-negative inputs).
+    """
+
+    def __init__(self, p: float = 3.0, *, learnable: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        if p <= 0:
+            raise ValueError(f"gem_p must be > 0, got {p}")
+        p_t = torch.tensor(float(p))
+        if learnable:
+            self.p = nn.Parameter(p_t)
+        else:
+            self.register_buffer("p", p_t)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``(B, C, H, W)``. Returns: ``(B, C)`` float32."""
+        p = self.p.float().clamp(min=1e-3)  # keep the exponent positive even if training pushes it below 0
+        pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=(-2, -1))
+        return pooled.pow(1.0 / p)
+
+    def extra_repr(self) -> str:
+        return f"p={float(self.p):.3f}, eps={self.eps}"
+
+
+class AttentionPool2d(nn.Module):
+    """Spatial attention pooling: a 1x1 convolution scores every location, a softmax over ``H*W`` turns the scores
+    into weights, and the output is the weighted sum of the feature vectors.
+
+    Args:
+        channels: input channels ``C``.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.score = nn.Conv2d(channels, 1, kernel_size=1)
+        nn.init.zeros_(self.score.weight)  # start as average pooling
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``(B, C, H, W)``. Returns: ``(B, C)``."""
+        weights = self.score(x).flatten(1).float().softmax(dim=-1)  # (B, H*W)
+        return torch.einsum("bn,bcn->bc", weights.to(x.dtype), x.flatten(2))
+
+
+class EmbeddingHead(nn.Module):
+    """Pool one feature level into an L2-normalised embedding.
+
+    ``features[feature_level]`` -> pooling (GeM / average / attention) -> projection (one ``Linear``, or an MLP
+    ``Linear-BN-ReLU-Linear`` when ``hidden_dim`` is given) -> ``features`` -> optional BNNeck
+    (``BatchNorm1d`` without a learned shift, Luo et al. 2019) -> L2 normalisation -> ``embedding``.
+
+    Train pair/triplet losses on ``features`` or ``embedding``, classification-style losses (ArcFace, CosFace,
+    proxies) on ``embedding``; serve ``embedding`` (cosine similarity = dot product).
+
+    Args:
+        in_channels: channels of every input level (``TimmBackbone.channels`` or a neck's).
+        strides: strides of every level (unused; part of the head contract).
+        embedding_dim: output dimension ``D``.
+        pooling: ``"gem"``, ``"avg"`` or ``"attention"``.
+        hidden_dim: ``None`` for a single linear projection, else the width of the MLP's hidden layer.
+        bnneck: apply a BNNeck between ``features`` and the normalised ``embedding``.
+        feature_level: index of the level to pool (default: the last, coarsest one).
+        gem_p: initial GeM exponent (learnable).
+        dropout: dropout on the pooled vector before the projection.
+    """
+
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int] | None = None, *,
+                 embedding_dim: int = 256, pooling: str = "gem", hidden_dim: int | None = None,
+                 bnneck: bool = False, feature_level: int = -1, gem_p: float = 3.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        channels = list(in_channels)
+        if not channels:
+            raise ValueError("EmbeddingHead needs at least one input level; in_channels is empty")
+        if not -len(channels) <= feature_level < len(channels):
+            raise ValueError(f"feature_level={feature_level} is out of range for {len(channels)} input levels "
+                             f"(channels {channels}); use -1 for the last level")
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if hidden_dim is not None and hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be None (single Linear) or >= 1, got {hidden_dim}")
+        pooling = str(pooling).lower()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not supported; use one of {list(POOLINGS)}")
+        self.feature_level = int(feature_level)
+        self.embedding_dim = int(embedding_dim)
+        self.pooling_name = pooling
+        ch = channels[self.feature_level]
+        self.in_features = ch
+        if pooling == "gem":
+            self.pool: nn.Module = GeM(gem_p, learnable=True)
+        elif pooling == "avg":
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        else:
+            self.pool = AttentionPool2d(ch)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if hidden_dim is None:
+            self.projection: nn.Module = nn.Linear(ch, self.embedding_dim)
+        else:
+            self.projection = nn.Sequential(
+                nn.Linear(ch, hidden_dim, bias=False),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden_dim, self.embedding_dim),
+            )
+        self.bnneck: nn.Module | None = None
+        if bnneck:
+            bn = nn.BatchNorm1d(self.embedding_dim)
+            bn.bias.requires_grad_(False)  # BNNeck: scale only, no learned shift
+            self.bnneck = bn
+
+    def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Args:
+            features: the input levels, each ``(B, C_i, H_i, W_i)``.
+        Returns: ``{"embedding": (B, D)`` L2-normalised, ``"features": (B, D)`` before BNNeck and normalisation``}``.
+        """
+        if not isinstance(features, (list, tuple)):
+            raise TypeError(f"EmbeddingHead expects a list of feature maps, got {type(features).__name__}")
+        x = features[self.feature_level]
+        if x.dim() != 4 or x.shape[1] != self.in_features:
+            raise ValueError(f"EmbeddingHead level {self.feature_level} must be (B, {self.in_features}, H, W), "
+                             f"got {tuple(x.shape)}")
+        pooled = self.dropout(self.pool(x).to(x.dtype))
+        feats = self.projection(pooled)
+        out = self.bnneck(feats) if self.bnneck is not None else feats
+        return {"embedding": F.normalize(out.float(), dim=-1), "features": feats}
+
+    @torch.no_grad()
+    def postprocess(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Args: raw, the output of :meth:`forward`. Returns: L2-normalised embeddings ``(B, D)`` float32."""
+        return F.normalize(raw["embedding"].float(), dim=-1)

@@ -1,0 +1,97 @@
+"""Per-pixel losses for semantic segmentation: cross-entropy and multi-class soft dice, both with an ignore label.
+
+Only torch is imported: the segmentation heads (on the serving path) use these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dice_loss", "masked_cross_entropy", "check_mask_targets"]
+
+
+def check_mask_targets(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    """Raise a clear error when ``target`` does not fit ``logits``.
+
+    Args:
+        logits: ``(B, K, H, W)``.
+        target: ``(B, H, W)`` integer class map, ``ignore_index`` where no label applies.
+        ignore_index: the label that is ignored.
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"segmentation logits must be (B, K, H, W), got shape {tuple(logits.shape)}")
+    if target.dim() != 3 or target.shape[0] != logits.shape[0] or target.shape[-2:] != logits.shape[-2:]:
+        raise ValueError(f"segmentation target must be (B, H, W) = ({logits.shape[0]}, {logits.shape[2]}, "
+                         f"{logits.shape[3]}) to match the logits, got {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TypeError(f"segmentation target must hold integer class indices (int64), got {target.dtype}")
+    k = logits.shape[1]
+    bad = (target != ignore_index) & ((target < 0) | (target >= k))
+    if bool(bad.any()):
+        values = torch.unique(target[bad])[:10].tolist()
+        raise ValueError(f"segmentation target holds labels {values} outside 0..{k - 1} (num_classes={k}) that are "
+                         f"not the ignore label {ignore_index}; map dataset ids to contiguous labels or set "
+                         f"ignore_index to the label used for 'ignore'")
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255,
+                         weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel-averaged cross-entropy that skips ``ignore_index`` pixels.
+
+    Unlike ``F.cross_entropy(reduction="mean")`` it returns ``0`` (still attached to the graph, so backward works
+    and gives zero gradients) instead of NaN when every pixel is ignored.
+
+    Args:
+        logits: ``(B, K, H, W)`` raw scores (computed in float32).
+        target: ``(B, H, W)`` int64 labels in ``0..K-1`` or ``ignore_index``.
+        ignore_index: label whose pixels carry no loss and no gradient.
+        weight: optional ``(K,)`` per-class weights; the mean is then weighted, as in ``F.cross_entropy``.
+    Returns:
+        scalar loss.
+    """
+    logits = logits.float()
+    total = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="sum")
+    valid = target != ignore_index
+    if weight is None:
+        denom = valid.sum().to(total.dtype)
+    else:
+        denom = weight.to(total)[target.clamp(0, logits.shape[1] - 1)][valid].sum()
+    return total / denom.clamp(min=1e-6)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, *, smooth: float = 1.0,
+              eps: float = 1e-6) -> torch.Tensor:
+    """Multi-class soft dice loss over the batch, ignoring ``ignore_index`` pixels.
+
+    With ``p = softmax(logits)`` and one-hot ``t`` restricted to valid pixels, for each class ``c``::
+
+        dice_c = (2 * sum(p_c * t_c) + smooth) / (sum(p_c) + sum(t_c) + smooth)
+
+    (sums over batch and pixels). The loss is ``1 - mean(dice_c)`` over the classes present in the valid target,
+    so it lies in ``[0, 1]`` whatever the number of classes. With no valid pixel it is ``0`` (attached to the graph).
+
+    Args:
+        logits: ``(B, K, H, W)`` raw scores.
+        target: ``(B, H, W)`` int64 labels in ``0..K-1`` or ``ignore_index``.
+        ignore_index: label of pixels that count neither in predictions nor in targets.
+        smooth: additive smoothing in numerator and denominator.
+        eps: floor of the denominator.
+    Returns:
+        scalar loss.
+    """
+    check_mask_targets(logits, target, ignore_index)
+    k = logits.shape[1]
+    probs = logits.float().softmax(dim=1)
+    valid = (target != ignore_index).unsqueeze(1).to(probs.dtype)                 # (B, 1, H, W)
+    onehot = F.one_hot(target.clamp(0, k - 1) * (target != ignore_index), k)      # (B, H, W, K)
+    onehot = onehot.permute(0, 3, 1, 2).to(probs.dtype) * valid                   # (B, K, H, W)
+    probs = probs * valid
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    card = probs.sum(dims) + onehot.sum(dims)
+    dice = (2.0 * inter + smooth) / (card + smooth).clamp(min=eps)
+    present = onehot.sum(dims) > 0
+    if not bool(present.any()):
+        return logits.float().sum() * 0.0
+    return 1.0 - dice[present].mean()

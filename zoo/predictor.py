@@ -1,0 +1,304 @@
+"""``Predictor``: images in, typed results out, with exactly the preprocessing evaluation uses.
+
+    predictor = zoo.Predictor("resnet10t.shapes_cls")            # or a loaded ZooModel / a bundle path
+    [result] = predictor("cat.jpg")                               # zoo.results.Classification
+    results = predictor([pil_image, numpy_rgb, uint8_chw_tensor])
+
+Images go through :mod:`zoo.preprocess` as :class:`zoo.data.coco.CocoDataset` does at evaluation (decode to RGB
+uint8 -> ``compute_resize`` -> ``resize_image`` -> ``normalize``), are batched with ``pad_batch`` (the evaluation
+collate), run under ``torch.inference_mode()`` and post-processed by each head's own ``postprocess``; boxes and
+masks are then mapped back to the original image's pixels. A service therefore gets the numbers evaluation
+measured. Only torch, numpy, PIL and zoo's lean modules are imported (serving path).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from zoo.hub.api import head_kind, load, model_meta
+from zoo.models import ZooModel
+from zoo.preprocess import ResizeInfo, compute_resize, normalize, pad_batch, resize_image
+from zoo.results import Classification, Detections, Embedding, InstanceSegmentation, Result, SemanticSegmentation
+
+__all__ = ["Predictor", "ImageInput", "to_rgb_array"]
+
+#: One image: a file path, encoded bytes, a PIL image, an ``(H, W, 3)`` uint8 RGB array or a ``(3, H, W)`` uint8 tensor.
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
+
+#: Post-processing options detection/instance heads accept (from the bundle's ``postprocess`` defaults).
+DETECTION_OPTIONS = ("score_thresh", "nms_thresh", "max_detections", "pre_nms_topk")
+#: Instance masks are binarised at this probability after resizing to the original size (as evaluation does).
+MASK_THRESHOLD = 0.5
+
+
+def _decode(src: Any, what: str) -> np.ndarray:
+    try:
+        with Image.open(src) as im:
+            im.load()
+            return np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {what} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{what} is corrupt or not an image PIL can read ({err})") from err
+
+
+def to_rgb_array(image: ImageInput) -> np.ndarray:
+    """Bring one image to an ``(H, W, 3)`` uint8 RGB array, as evaluation decodes files (PIL, ``convert("RGB")``,
+    no EXIF rotation).
+
+    Args:
+        image: a path (str / PathLike), encoded file bytes, a PIL image, an ``(H, W, 3)`` (or ``(H, W)`` / ``(H, W, 1)``
+            grey) uint8 array, or a ``(3, H, W)`` (or ``(1, H, W)``) uint8 tensor.
+
+    Returns:
+        ``(H, W, 3)`` uint8 C-contiguous array.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _decode(Path(image).expanduser(), str(image))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(bytes(image)), f"the given bytes ({len(image)} bytes)")
+    if isinstance(image, Image.Image):
+        return np.array(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8:
+            raise TypeError(f"image tensors must be uint8 (0..255) (3, H, W), got {image.dtype}; convert a 0..1 float "
+                            "tensor with (t * 255).round().to(torch.uint8)")
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"image tensors must be (3, H, W) uint8 RGB, got shape {tuple(image.shape)}"
+                             + ("; it looks like (H, W, C): use t.permute(2, 0, 1)" if image.dim() == 3 and
+                                image.shape[-1] in (1, 3) else ""))
+        arr = image.detach().cpu().permute(1, 2, 0).numpy()
+        return np.ascontiguousarray(np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"image arrays must be uint8 (0..255) (H, W, 3) RGB, got dtype {image.dtype}; convert a "
+                            "0..1 float array with (a * 255).round().astype(np.uint8)")
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3):
+            hint = "; it looks like (C, H, W): use a.transpose(1, 2, 0)" if image.ndim == 3 and image.shape[0] in (1, 3) \
+                else "; drop the alpha channel with a[..., :3]" if image.ndim == 3 and image.shape[2] == 4 else ""
+            raise ValueError(f"image arrays must be (H, W, 3) uint8 RGB, got shape {image.shape}{hint}")
+        if image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        return np.ascontiguousarray(image)
+    raise TypeError(f"cannot read an image from a {type(image).__name__}: give a path, bytes, a PIL.Image, an "
+                    "(H, W, 3) uint8 numpy array or a (3, H, W) uint8 torch tensor")
+
+
+def _as_list(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
+    """One image or many: lists/tuples are many, 4-D arrays/tensors are a batch, anything else is one image."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return list(images.unbind(0))
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return [images[i] for i in range(images.shape[0])]
+    return [images]
+
+
+def boxes_to_original(boxes: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
+    """Map xyxy boxes from resized-input pixels to original pixels and clip them to the original image.
+
+    Args:
+        boxes: ``(N, 4)`` xyxy in the resized image.
+        info: the image's resize record.
+
+    Returns:
+        ``(N, 4)`` float32 xyxy in the original image.
+    """
+    out = boxes.float() / boxes.new_tensor([info.scale_x, info.scale_y, info.scale_x, info.scale_y]).float()
+    h, w = info.orig_size
+    out[:, 0::2] = out[:, 0::2].clamp(0, w)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h)
+    return out
+
+
+def masks_to_original(masks: torch.Tensor, info: ResizeInfo, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+    """Mask probabilities at the resized size -> boolean masks at the original size.
+
+    Args:
+        masks: ``(M, 1, h', w')`` or ``(M, h', w')`` probabilities, ``h' >= h``, ``w' >= w`` (``info.size``).
+        info: the image's resize record.
+        threshold: probability at or above which a pixel belongs to the instance.
+
+    Returns:
+        ``(M, H, W)`` bool at ``info.orig_size``.
+    """
+    if masks.dim() == 3:
+        masks = masks[:, None]
+    h, w = info.size
+    m = masks[:, :, :h, :w].float()
+    if len(m):
+        m = F.interpolate(m, size=tuple(info.orig_size), mode="bilinear", align_corners=False)
+    else:
+        m = m.new_zeros((0, 1, *info.orig_size))
+    return m[:, 0] >= threshold
+
+
+class Predictor:
+    """Run a zoo model on images and return typed results (:mod:`zoo.results`).
+
+    Args:
+        model: a :class:`~zoo.models.ZooModel` (moved to ``device`` and set to eval mode) or anything
+            :func:`zoo.load` accepts (registered name, bundle path, URL, Lightning checkpoint).
+        device: where the model runs; default: where a given model already is (CPU for a loaded one).
+        batch_size: images per forward pass.
+        score_thresh, nms_thresh, max_detections: detection post-processing; ``None`` keeps the bundle's defaults
+            (``model.json`` ``postprocess``, i.e. what evaluation used), then the head's own.
+        top_k: class names returned per image by classification heads.
+        heads: run only these heads (default: all).
+
+    Calling the predictor with one image or a list returns a list with one entry per image: the head's result when
+    the model has one head, else ``{head_name: result}``.
+    """
+
+    def __init__(self, model: ZooModel | str | os.PathLike[str], *, device: str | torch.device | None = None,
+                 batch_size: int = 8, score_thresh: float | None = None, nms_thresh: float | None = None,
+                 max_detections: int | None = None, top_k: int = 5, heads: Sequence[str] | None = None) -> None:
+        if not isinstance(model, torch.nn.Module):
+            model = load(model, device=device or "cpu")
+        if not isinstance(model, ZooModel):
+            raise TypeError(f"Predictor needs a zoo.models.ZooModel (or a name/path for zoo.load), got "
+                            f"{type(model).__name__}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if device is None:
+            first = next(iter(model.parameters()), None)
+            device = first.device if first is not None else "cpu"
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.spec = model.spec
+        self.meta: dict[str, Any] = dict(getattr(model, "bundle_meta", None) or model_meta(self.spec))
+        self.batch_size = int(batch_size)
+        self.top_k = int(top_k)
+        names = list(heads) if heads is not None else list(model.heads)
+        for n in names:
+            if n not in model.heads:
+                raise KeyError(f"heads: the model has no head {n!r}; its heads are {list(model.heads)}")
+        self.heads = names
+        self.kinds = {n: head_kind(model, n) for n in names}
+        cat = self.spec.extra.get("category_ids") if isinstance(self.spec.extra, dict) else None
+        self.category_ids: list[int] | None = [int(c) for c in cat] if cat else None
+        defaults = dict(self.meta.get("postprocess") or {})
+        self.detection_options: dict[str, Any] = {k: defaults[k] for k in DETECTION_OPTIONS if defaults.get(k) is not None}
+        for key, value in (("score_thresh", score_thresh), ("nms_thresh", nms_thresh),
+                           ("max_detections", max_detections)):
+            if value is not None:
+                self.detection_options[key] = value
+
+    def class_names(self, head: str) -> list[str]:
+        """Class names of ``head`` from the spec (``"0"``, ``"1"``, ... when the spec has none)."""
+        names = self.spec.class_names.get(head)
+        if names:
+            return list(names)
+        k = getattr(self.model.heads[head], "num_classes", 0)
+        return [str(i) for i in range(int(k))]
+
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[ResizeInfo]]:
+        """Resize, normalise and pad RGB arrays exactly as evaluation does.
+
+        Args:
+            images: ``(H_i, W_i, 3)`` uint8 RGB arrays (see :func:`to_rgb_array`).
+
+        Returns:
+            ``(batch (B, 3, H, W) float32 on the predictor's device, resize records)``.
+        """
+        s = self.spec
+        infos, tensors = [], []
+        for arr in images:
+            info = compute_resize(arr.shape[:2], s.input_size, s.resize)
+            tensors.append(normalize(resize_image(arr, info), s.mean, s.std))
+            infos.append(info)
+        batch = pad_batch(tensors, size_divisor=s.size_divisor)
+        return batch.to(self.device), infos
+
+    # ------------------------------------------------------------------ inference
+    def __call__(self, images: ImageInput | Iterable[ImageInput]) -> list[Result | dict[str, Result]]:
+        """Predict on one image or a list of images.
+
+        Args:
+            images: one image or a list (see :func:`to_rgb_array` for the accepted types); a 4-D uint8 tensor
+                ``(B, 3, H, W)`` or array ``(B, H, W, 3)`` is a batch.
+
+        Returns:
+            one entry per image, in order: a result (one head) or ``{head_name: result}`` (several heads).
+        """
+        items = _as_list(images)
+        out: list[Result | dict[str, Result]] = []
+        for start in range(0, len(items), self.batch_size):
+            arrays = [to_rgb_array(x) for x in items[start:start + self.batch_size]]
+            out.extend(self._predict_arrays(arrays))
+        return out
+
+    def predict_one(self, image: ImageInput) -> Result | dict[str, Result]:
+        """:meth:`__call__` for a single image, returning its result rather than a one-element list."""
+        return self([image])[0]
+
+    def _predict_arrays(self, arrays: list[np.ndarray]) -> list[Result | dict[str, Result]]:
+        batch, infos = self.preprocess(arrays)
+        with torch.inference_mode():
+            raw = self.model(batch, heads=self.heads)
+            per_head = {name: self._postprocess(name, raw[name], infos) for name in self.heads}
+        if len(self.heads) == 1:
+            return per_head[self.heads[0]]
+        return [{name: per_head[name][i] for name in self.heads} for i in range(len(arrays))]
+
+    def _postprocess(self, name: str, raw: Any, infos: list[ResizeInfo]) -> list[Result]:
+        head = self.model.heads[name]
+        kind = self.kinds[name]
+        sizes = [tuple(info.size) for info in infos]
+        if kind == "classification":
+            names = self.class_names(name)
+            multilabel = bool(getattr(head, "multilabel", False))
+            results: list[Result] = []
+            for r in head.postprocess(raw, top_k=self.top_k):
+                ids = [int(i) for i in r["labels"].cpu().tolist()]
+                results.append(Classification(labels=[names[i] for i in ids], scores=r["top_scores"].float().cpu().tolist(),
+                                              label_ids=ids, probs=r["scores"].float().cpu(), class_names=names,
+                                              multilabel=multilabel))
+            return results
+        if kind in ("detection", "instance"):
+            names = self.class_names(name)
+            dets = head.postprocess(raw, sizes, **self.detection_options)
+            results = []
+            for det, info in zip(dets, infos):
+                labels = det["labels"].long().cpu()
+                ids = labels.tolist()
+                kwargs = dict(boxes=boxes_to_original(det["boxes"].float().cpu(), info),
+                              scores=det["scores"].float().cpu(), labels=labels,
+                              names=[names[i] if i < len(names) else str(i) for i in ids],
+                              category_ids=[self.category_ids[i] for i in ids] if self.category_ids else None,
+                              image_size=tuple(info.orig_size))
+                if kind == "instance":
+                    results.append(InstanceSegmentation(**kwargs, masks=masks_to_original(det["masks"].cpu(), info)))
+                else:
+                    results.append(Detections(**kwargs))
+            return results
+        if kind == "semantic":
+            names = self.class_names(name)
+            preds = head.postprocess(raw, sizes, output_sizes=[tuple(info.orig_size) for info in infos])
+            return [SemanticSegmentation(mask=p["mask"].long().cpu(), class_names=names) for p in preds]
+        if kind == "embedding":
+            emb = head.postprocess(raw) if hasattr(head, "postprocess") else F.normalize(raw.float(), dim=-1)
+            if isinstance(emb, (list, tuple)):
+                emb = torch.stack([e if isinstance(e, torch.Tensor) else e["embedding"] for e in emb])
+            return [Embedding(vector=v.float().cpu()) for v in emb]
+        raise ValueError(f"head {name!r}: no result type for kind {kind!r}")
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"Predictor({s.backbone.get('name')}, heads={self.kinds}, input_size={s.input_size}, "
+                f"resize={s.resize!r}, device={self.device}, batch_size={self.batch_size})")
