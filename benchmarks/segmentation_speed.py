@@ -7,7 +7,7 @@ same random images and masks, this times
 * inference: forward and a full-resolution ``(H, W)`` class map per image (zoo: ``head.postprocess``;
   torchvision: argmax of its ``out``, which it already upsamples to the input size);
 
-and prints images/s and the zoo/torchvision ratio. On CUDA everything runs under bf16 autocast (losses in float32).
+and prints images/s (from the median step time) and the zoo/torchvision ratio. On CUDA everything runs under bf16 autocast (losses in float32).
 
     python benchmarks/segmentation_speed.py --decoders semantic_fpn,upernet,deeplabv3plus --batch 2 --size 256
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,15 +71,18 @@ def _sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` after ``warmup`` untimed calls."""
+    """Median seconds per call of ``fn`` over ``steps`` calls after ``warmup`` untimed ones (the median resists
+    the spikes of a shared machine)."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:

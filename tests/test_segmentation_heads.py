@@ -171,6 +171,8 @@ def test_bad_targets_and_options_raise_clear_errors() -> None:
         head.loss({"logits": torch.randn(1, 3, 4, 4)}, torch.full((1, 16, 16), 7))
     with pytest.raises(TypeError, match="int64"):
         head.loss({"logits": torch.randn(1, 3, 4, 4)}, torch.zeros(1, 16, 16))
+    with pytest.raises(TypeError, match="int64"):
+        head.loss({"logits": torch.randn(1, 3, 4, 4)}, [torch.zeros(16, 16)])
     with pytest.raises(ValueError, match="aspp_stride"):
         DeepLabV3PlusHead([8, 8], [4, 16], num_classes=3, aspp_stride=32)
     with pytest.raises(ValueError, match="class_weights"):

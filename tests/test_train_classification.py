@@ -13,6 +13,8 @@ from tests.conftest import CONF, FAST, SHARED_DATA, SMALL_SHAPES, compose
 from zoo.evaluation import evaluate
 from zoo.training import train
 
+#: The learning run: the default experiment, shortened (600 steps of 32 images at 64 px).
+RUN = ["data.shapes.num_train=1600", "data.shapes.num_val=400", "trainer.max_epochs=12"]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
@@ -40,16 +42,14 @@ def test_fast_dev_run_of_every_experiment(name: str, tmp_path: Path) -> None:
 def trained_run(tmp_path_factory) -> dict:
     """A short real training run on the embedded dataset (shared by the tests below)."""
     out = tmp_path_factory.mktemp("cls_run")
-    cfg = compose("train", ["experiment=shapes_cls", *FAST, "data.shapes.num_train=640", "data.shapes.num_val=160",
-                            "data.shapes.image_size=64", "model.input_size=[64,64]", "trainer.max_epochs=5",
-                            "data.batch_size=32", "optimizer.lr=3e-3"], output_dir=out)
+    cfg = compose("train", ["experiment=shapes_cls", *FAST, *RUN], output_dir=out)
     return train(cfg)
 
 
 def test_learns_well_above_chance(trained_run: dict) -> None:
     top1 = trained_run["metrics"]["val/top1"]
     chance = 1 / 6
-    assert top1 > 2.5 * chance, f"top-1 {top1:.3f} is not well above chance {chance:.3f}"
+    assert top1 > 3 * chance, f"top-1 {top1:.3f} is not well above chance {chance:.3f}"
 
 
 def test_run_folder_holds_config_checkpoints_metrics(trained_run: dict) -> None:
@@ -67,8 +67,7 @@ def test_checkpoint_loads_with_weights_only(trained_run: dict) -> None:
 
 def test_evaluate_reproduces_train_metric(trained_run: dict, tmp_path: Path) -> None:
     # A different backbone in the current config must not matter: the model rebuilds from the checkpoint.
-    cfg = compose("evaluate", [f"ckpt_path={trained_run['best_ckpt']}", "data.shapes.num_train=640",
-                               "data.shapes.num_val=160", "data.shapes.image_size=64", "data.num_workers=0",
+    cfg = compose("evaluate", [f"ckpt_path={trained_run['best_ckpt']}", *RUN[:2], "data.num_workers=0",
                                "data.persistent_workers=false", "trainer.enable_progress_bar=false"],
                   output_dir=tmp_path)
     res = evaluate(cfg)
@@ -79,9 +78,8 @@ def test_evaluate_reproduces_train_metric(trained_run: dict, tmp_path: Path) -> 
 
 def test_resume_from_last_checkpoint(trained_run: dict, tmp_path: Path) -> None:
     last = torch.load(trained_run["last_ckpt"], map_location="cpu", weights_only=True)
-    cfg = compose("train", ["experiment=shapes_cls", *FAST, "data.shapes.num_train=640", "data.shapes.num_val=160",
-                            "data.shapes.image_size=64", "model.input_size=[64,64]", "trainer.max_epochs=6",
-                            "data.batch_size=32", f"ckpt_path={trained_run['last_ckpt']}", "run_eval=false",
+    cfg = compose("train", ["experiment=shapes_cls", *FAST, *RUN[:2], "trainer.max_epochs=13",
+                            f"ckpt_path={trained_run['last_ckpt']}", "run_eval=false",
                             "export_bundle=false"], output_dir=tmp_path)
     res = train(cfg)
     resumed = torch.load(res["last_ckpt"], map_location="cpu", weights_only=True)

@@ -186,6 +186,15 @@ class SegmentationHead(nn.Module):
                  ) -> torch.Tensor:
         """Targets as one ``(B, H, W)`` int64 tensor, pixels outside each image's valid size set to ignore."""
         if isinstance(targets, torch.Tensor):
+            parts = [targets]
+        else:
+            parts = list(targets) if isinstance(targets, (list, tuple)) else []
+        bad = [t.dtype for t in parts
+               if isinstance(t, torch.Tensor) and (t.dtype.is_floating_point or t.dtype == torch.bool)]
+        if bad:
+            raise TypeError("semantic segmentation targets must hold integer class indices (int64, 255 = ignore), "
+                            f"got {bad[0]}; convert class maps with .long(), not a float/bool mask")
+        if isinstance(targets, torch.Tensor):
             tgt = targets
         elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, torch.Tensor) for t in targets):
             h = max(int(t.shape[-2]) for t in targets)
@@ -200,9 +209,6 @@ class SegmentationHead(nn.Module):
             tgt = tgt[:, 0]
         if tgt.dim() != 3:
             raise ValueError(f"semantic segmentation targets must be (B, H, W), got shape {tuple(tgt.shape)}")
-        if tgt.dtype.is_floating_point or tgt.dtype == torch.bool:
-            raise TypeError(f"semantic segmentation targets must hold integer class indices (int64, 255 = ignore), "
-                            f"got {tgt.dtype}; convert class maps with .long(), not a float/bool mask")
         tgt = tgt.to(device=device, dtype=torch.long)
         if image_sizes is not None:
             if len(image_sizes) != tgt.shape[0]:
