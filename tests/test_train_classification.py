@@ -62,7 +62,7 @@ def test_run_folder_holds_config_checkpoints_metrics(trained_run: dict) -> None:
 
 def test_checkpoint_loads_with_weights_only(trained_run: dict) -> None:
     ckpt = torch.load(trained_run["best_ckpt"], map_location="cpu", weights_only=True)
-    assert ckpt["hyper_parameters"]["spec"]["backbone"]["name"] == "resnet10t"
+    assert ckpt["hyper_parameters"]["spec"]["backbone"]["name"] == "test_resnet"
 
 
 def test_evaluate_reproduces_train_metric(trained_run: dict, tmp_path: Path) -> None:
@@ -102,3 +102,54 @@ def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
     res = train(cfg)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert "val/top1" in res["metrics"]
+
+
+def test_image_folder_classification_with_ema(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            d = tmp_path / "folders" / split / c
+            d.mkdir(parents=True)
+            for i in range(6):
+                img = np.clip(rng.normal(0, 20, (40, 40, 3)) + colour, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    cfg = compose("train", ["data=image_folder", f"data.root={tmp_path / 'folders'}", *FAST, "backbone=test_resnet",
+                            "model.input_size=[32,32]", "data.batch_size=4", "data.augment=[]", "trainer.max_epochs=2",
+                            "model.ema.enabled=true", "model.ema.decay=0.5", "export_bundle=false"],
+                  output_dir=tmp_path / "run")
+    res = train(cfg)
+    ckpt = torch.load(res["best_ckpt"], map_location="cpu", weights_only=True)
+    assert any(k.startswith("ema.") for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["spec"]["class_names"]["cls"] == ["blue", "red"]
+    assert 0.0 <= res["metrics"]["val/top1"] <= 1.0
+
+
+def test_multirun_sweep_from_the_command_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=shapes_cls", "backbone.name=test_resnet,resnet10t",
+           "optimizer.lr=1e-3", "trainer.fast_dev_run=true", "data.batch_size=4", *SMALL_SHAPES, *FAST,
+           f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(runs) == 2 and all((r / "config.yaml").is_file() for r in runs)
+    assert "resnet10t" in (runs[1] / "config.yaml").read_text()
+
+
+def test_wrong_key_on_the_command_line_names_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "optimizer.lrr=0.1", f"hydra.run.dir={tmp_path}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr
