@@ -36,14 +36,15 @@ from torchvision.models import detection as tvd  # noqa: E402
 from zoo.models import create_model  # noqa: E402
 
 TORCHVISION = {"fcos": tvd.fcos_resnet50_fpn, "retinanet": tvd.retinanet_resnet50_fpn,
-               "faster_rcnn": tvd.fasterrcnn_resnet50_fpn}
+               "faster_rcnn": tvd.fasterrcnn_resnet50_fpn, "mask_rcnn": tvd.maskrcnn_resnet50_fpn}
+TWO_STAGE = ("faster_rcnn", "mask_rcnn")
 POST = {"score_thresh": 0.05, "nms_thresh": 0.6, "max_detections": 100, "pre_nms_topk": 1000}
 
 
 def build_torchvision(head: str, num_classes: int, size: int) -> torch.nn.Module:
     """torchvision's reference model with matching post-processing settings and no pretrained weights."""
     kw: dict[str, Any] = {"weights": None, "weights_backbone": None, "min_size": size, "max_size": size}
-    if head == "faster_rcnn":
+    if head in TWO_STAGE:
         kw.update(num_classes=num_classes + 1, box_score_thresh=POST["score_thresh"],
                   box_nms_thresh=POST["nms_thresh"], box_detections_per_img=POST["max_detections"])
     else:
@@ -118,7 +119,13 @@ def bench_head(head: str, args: argparse.Namespace, device: torch.device) -> dic
     std = torch.tensor([0.229, 0.224, 0.225], device=device)[:, None, None]
     normed = (images - mean) / std
     sizes = [(args.size, args.size)] * args.batch
-    tv_targets = [dict(t, labels=t["labels"] + 1) if head == "faster_rcnn" else t for t in targets]
+    if head == "mask_rcnn":  # instance masks: the boxes filled
+        for t in targets:
+            m = torch.zeros(len(t["boxes"]), args.size, args.size, dtype=torch.uint8, device=device)
+            for j, (x1, y1, x2, y2) in enumerate(t["boxes"].round().int().tolist()):
+                m[j, y1:y2, x1:x2] = 1
+            t["masks"] = m
+    tv_targets = [dict(t, labels=t["labels"] + 1) if head in TWO_STAGE else t for t in targets]
     image_list = list(images)
 
     torch.manual_seed(0)
@@ -165,7 +172,7 @@ def bench_head(head: str, args: argparse.Namespace, device: torch.device) -> dic
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--heads", default="fcos,retinanet,faster_rcnn",
+    p.add_argument("--heads", default="fcos,retinanet,faster_rcnn,mask_rcnn",
                    help=f"comma-separated heads among {','.join(TORCHVISION)}")
     p.add_argument("--batch", type=int, default=2, help="images per batch")
     p.add_argument("--size", type=int, default=320, help="square image side in pixels")

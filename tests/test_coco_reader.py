@@ -114,3 +114,21 @@ def test_real_coco_subsets(coco128: Path, tiny_coco: Path) -> None:
         assert s["image"].shape[0] == 3 and max(s["image"].shape[1:]) == 128
         assert t["masks"].shape[0] == t["boxes"].shape[0] == t["labels"].shape[0]
         assert (t["boxes"][:, 2] <= s["size"][1] + 1e-3).all() and (t["boxes"][:, 3] <= s["size"][0] + 1e-3).all()
+
+
+def test_multiscale_training_sizes(tmp_path: Path) -> None:
+    ann, imgs = _write(tmp_path, [_ann(1, 1, 3, [10, 10, 20, 10])])
+    ds = CocoDataset(CocoIndex(ann, imgs), "detection", input_size=[64, 64], resize="longest", mean=[0.5] * 3,
+                     std=[0.25] * 3, train_sizes=[32, 48, 96])
+    np.random.seed(0)
+    seen = {ds[0]["size"] for _ in range(30)}
+    assert seen == {(21, 32), (32, 48), (64, 96)}  # the 40x60 image, longest side drawn from the list
+    s = ds[0]
+    sy, sx = s["scale"]
+    assert torch_allclose(s["target"]["boxes"][0], [10 * sx, 10 * sy, 30 * sx, 20 * sy])
+
+
+def torch_allclose(t, ref) -> bool:
+    import torch
+
+    return bool(torch.allclose(t, torch.tensor(ref, dtype=t.dtype), atol=1e-4))

@@ -77,3 +77,26 @@ def test_embed_and_search_round_trip(sim_run: dict, tmp_path: Path) -> None:
     assert hits[0][0][0].endswith(images[3].name) and hits[0][0][1] == pytest.approx(1.0, abs=1e-4)
     assert search_main(["--model", str(bundle), "--index", str(out), "--query", str(folder / images[0].name),
                         "--k", "2"]) == 0
+
+
+def test_identity_folders_train_and_evaluate_open_set(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"a": (200, 40, 40), "b": (40, 200, 40), "c": (40, 40, 200), "d": (200, 200, 40), "e": (40, 200, 200)}
+    for split, ids in (("train", ["a", "b", "c"]), ("val", ["d", "e"])):
+        for ident in ids:
+            d = tmp_path / "ids" / split / ident
+            d.mkdir(parents=True)
+            for i in range(4):
+                img = np.clip(rng.normal(0, 25, (32, 32, 3)) + colours[ident], 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    cfg = compose("train", ["model=similarity", "data=identity_folder", f"data.root={tmp_path / 'ids'}", *FAST,
+                            "backbone=test_resnet", "model.input_size=[32,32]", "data.batch_size=8",
+                            "model.embedding_dim=16", "trainer.max_epochs=1", "++model.extra.m_per_class=2",
+                            "export_bundle=false"], output_dir=tmp_path / "run")
+    res = train(cfg)
+    spec = load_task_from_checkpoint(res["best_ckpt"]).spec
+    assert spec.extra["train_identities"] == ["a", "b", "c"] and spec.extra["test_identities"] == ["d", "e"]
+    assert 0.0 <= res["metrics"]["val/R@1"] <= 1.0

@@ -223,11 +223,13 @@ class CocoDataset(Dataset):
         augment: optional albumentations ``Compose`` applied to the original-resolution image (and boxes / masks)
             before the deterministic resize; ``None`` at evaluation.
         image_ids: restrict to these image ids.
+        train_sizes: multi-scale training: each sample is resized to a size drawn from this list (each entry an
+            int or ``[h, w]``; with ``resize="longest"`` only the longest side matters) instead of ``input_size``.
     """
 
     def __init__(self, index: CocoIndex, target: str, *, input_size: Sequence[int], resize: str = "stretch",
                  mean: Sequence[float], std: Sequence[float], augment: Callable | None = None,
-                 image_ids: Sequence[int] | None = None) -> None:
+                 image_ids: Sequence[int] | None = None, train_sizes: Sequence[Any] | None = None) -> None:
         if target not in TARGET_FORMATS:
             raise ValueError(f"target format {target!r} unknown; use one of {TARGET_FORMATS}")
         self.index = index
@@ -236,6 +238,8 @@ class CocoDataset(Dataset):
         self.resize = resize
         self.mean, self.std = list(mean), list(std)
         self.augment = augment
+        self.train_sizes = [(int(t), int(t)) if isinstance(t, (int, float)) else (int(t[0]), int(t[1]))
+                            for t in (train_sizes or [])]
         recs = index.records
         if image_ids is not None:
             wanted = set(int(i) for i in image_ids)
@@ -275,7 +279,10 @@ class CocoDataset(Dataset):
             masks = [self.index.ann_mask(a) for a in rec.ann_ids]
         if self.augment is not None:
             img, boxes, labels, crowd, masks, sem = self._augment(img, boxes, labels, crowd, masks, sem)
-        info = compute_resize(img.shape[:2], self.input_size, self.resize)
+        size = self.input_size
+        if self.train_sizes:
+            size = self.train_sizes[int(np.random.randint(len(self.train_sizes)))]
+        info = compute_resize(img.shape[:2], size, self.resize)
         image = normalize(resize_image(img, info), self.mean, self.std)
         sample: dict[str, Any] = {"image": image, "image_id": rec.image_id, "orig_size": (rec.height, rec.width),
                                   "size": info.size, "scale": (info.scale_y, info.scale_x)}

@@ -180,7 +180,8 @@ def _coco_sets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], augment
         if key not in indices:
             indices[key] = CocoIndex(ann, img, **kw)
         index = indices[key]
-        ds = CocoDataset(index, fmt, augment=augment if stage == "train" else None, **pre)
+        sizes = (cfg.get("extra") or {}).get("multiscale") if stage == "train" else None
+        ds = CocoDataset(index, fmt, augment=augment if stage == "train" else None, train_sizes=sizes, **pre)
         out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
         out.setdefault("class_names", index.class_names)
         out.setdefault("category_ids", index.cat_ids)
@@ -271,6 +272,32 @@ def _crops_sets(cfg, fmt, pre, augment, stages):
     return out
 
 
+def _identity_folder_sets(cfg, fmt, pre, augment, stages):
+    """Similarity from ``<root>/<split>/<identity>/<images>``: the training split's identities train, the validation
+    split's (different) identities are the open-set retrieval set."""
+    from zoo.data.folders import ImageFolderDataset
+
+    if fmt != "similarity":
+        raise ValueError(f"data=identity_folder serves similarity only, not {fmt!r}")
+    if not cfg.get("root"):
+        raise ValueError("data.root is required for data=identity_folder: <root>/<split>/<identity>/<images>")
+    root = Path(cfg["root"]).expanduser()
+    out: dict[str, Any] = {"root": str(root)}
+    for stage in ("train", "val"):
+        if stage not in stages and stage != "train":
+            continue
+        ds = ImageFolderDataset(root / cfg[f"{stage}_split"], augment=augment if stage == "train" else None, **pre)
+        out[f"{stage}_identities" if stage == "train" else "test_identities"] = ds.class_names
+        if stage in stages:
+            out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
+    shared = set(out["train_identities"]) & set(out.get("test_identities", []))
+    if shared:
+        log.warning("identity_folder: %d identities appear in both splits (%s...): retrieval is then not open-set",
+                    len(shared), sorted(shared)[:3])
+    out["class_names"] = out["train_identities"]
+    return out
+
+
 #: data.kind -> builder(cfg, target_format, preprocessing kwargs, augment, stages) -> {"train", "val", "class_names", ...}
 DATASET_KINDS: dict[str, Callable] = {
     "coco": _coco_sets,
@@ -278,6 +305,7 @@ DATASET_KINDS: dict[str, Callable] = {
     "image_folder": _image_folder_sets,
     "mask_folder": _mask_folder_sets,
     "coco_crops": _crops_sets,
+    "identity_folder": _identity_folder_sets,
 }
 
 

@@ -146,6 +146,15 @@ class ZooTask(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """Log the total training loss (and each term when there are several); return the total."""
+        loss = sum(losses.values())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        if len(losses) > 1:
+            for k, v in losses.items():
+                self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
@@ -191,7 +200,8 @@ class ZooTask(pl.LightningModule):
 
         return {"ema": to_container(cfg.model.ema), "channels_last": bool(cfg.trainer.channels_last),
                 "compile": bool(cfg.trainer.compile), "compile_mode": cfg.trainer.compile_mode,
-                "postprocess": to_container(cfg.model.postprocess), **to_container(cfg.model.extra)}
+                "postprocess": to_container(cfg.model.postprocess), "visualize": int(cfg.callbacks.visualize),
+                **to_container(cfg.model.extra)}
 
     @staticmethod
     def preprocessing(spec: dict) -> dict:

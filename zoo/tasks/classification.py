@@ -60,10 +60,7 @@ class ClassificationTask(ZooTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.train_model()(self.prepare_images(batch["images"]))[HEAD]
-        losses = self.model.heads[HEAD].loss(logits, batch["targets"])
-        loss = sum(losses.values())
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits))
-        return loss
+        return self.log_losses(self.model.heads[HEAD].loss(logits, batch["targets"]), len(logits))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self.eval_model(self.prepare_images(batch["images"]))[HEAD]

@@ -103,13 +103,7 @@ class DetectionTask(ZooTask):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         raw = self.train_model()(self.prepare_images(batch["images"]))[self.head_name]
-        losses = self.head.loss(raw, batch["targets"], batch["image_sizes"])
-        loss = sum(losses.values())
-        bs = len(batch["images"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
-        for k, v in losses.items():
-            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
-        return loss
+        return self.log_losses(self.head.loss(raw, batch["targets"], batch["image_sizes"]), len(batch["images"]))
 
     def postprocess_options(self) -> dict:
         pp = dict(self.options.get("postprocess") or {})

@@ -86,13 +86,7 @@ class SemanticTask(ZooTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         raw = self.train_model()(self.prepare_images(batch["images"]))[HEAD]
-        losses = self.head.loss(raw, batch["targets"], batch["image_sizes"])
-        loss = sum(losses.values())
-        bs = len(batch["images"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
-        for k, v in losses.items():
-            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
-        return loss
+        return self.log_losses(self.head.loss(raw, batch["targets"], batch["image_sizes"]), len(batch["images"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         model = self.eval_model

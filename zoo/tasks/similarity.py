@@ -74,9 +74,7 @@ class SimilarityTask(ZooTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         raw = self.train_model()(self.prepare_images(batch["images"]))[HEAD]
-        loss = self.criterion(raw["embedding"], batch["targets"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["targets"]))
-        return loss
+        return self.log_losses({"loss_metric": self.criterion(raw["embedding"], batch["targets"])}, len(batch["targets"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         raw = self.eval_model(self.prepare_images(batch["images"]))[HEAD]
