@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import zoo
@@ -363,8 +364,19 @@ def det_model(head: str, resize: str = "longest"):
 
 @pytest.mark.parametrize("head", list(DET_HEADS))
 def test_predictor_matches_evaluation_path_detection(head: str, tmp_path: Path) -> None:
-    from zoo.tasks.detection import to_original_boxes
-    from zoo.tasks.instance import masks_to_original
+    import torch.nn.functional as F
+
+    def to_original_boxes(boxes, scale, size):  # independent reference of the mapping back
+        sy, sx = scale
+        out = boxes / boxes.new_tensor([sx, sy, sx, sy])
+        out[:, 0::2] = out[:, 0::2].clamp(0, size[1])
+        out[:, 1::2] = out[:, 1::2].clamp(0, size[0])
+        return out
+
+    def masks_to_original(masks, valid, size):
+        h, w = valid
+        m = F.interpolate(masks[:, :, :h, :w].float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return m[:, 0] >= 0.5
 
     model = det_model(head)
     ann, images_dir = make_tiny_coco(tmp_path, [(50, 80), (96, 40)])
@@ -416,6 +428,36 @@ def test_predictor_matches_evaluation_path_semantic(tmp_path: Path) -> None:
         d = res.to_dict()
         assert sum(d["present"].values()) == size[0] * size[1]
         json.dumps(d)
+
+
+def test_predictor_sliding_window_semantic() -> None:
+    """seg_window: logits of overlapping tiles at the original resolution, averaged where they overlap."""
+    torch.manual_seed(0)
+    model = create_model({"backbone": {"name": "resnet10t"},
+                          "heads": {"seg": {"type": "semantic_fpn", "num_classes": 3, "channels": 16, "fpn_channels": 16}},
+                          "class_names": {"seg": ["bg", "a", "b"]}, "input_size": [64, 64], "task": "semantic"},
+                          load_backbone_weights=False).eval()
+    img = rand_image(80, 112, 5)
+    res = Predictor(model, seg_window=64, seg_stride=48)(img)[0]
+    assert res.mask.shape == (80, 112)
+    # reference: tiles at y in {0, 16}, x in {0, 48} (the last flush with the edge), each upsampled to 64x64
+    x = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(model.spec.mean).view(3, 1, 1)) \
+        / torch.tensor(model.spec.std).view(3, 1, 1)
+    total, count = torch.zeros(3, 80, 112), torch.zeros(1, 80, 112)
+    with torch.inference_mode():
+        for y0 in (0, 16):
+            for x0 in (0, 48):
+                logits = model(x[None, :, y0:y0 + 64, x0:x0 + 64])["seg"]["logits"]
+                total[:, y0:y0 + 64, x0:x0 + 64] += F.interpolate(logits, size=(64, 64), mode="bilinear",
+                                                                  align_corners=False)[0]
+                count[:, y0:y0 + 64, x0:x0 + 64] += 1
+    ref = (total / count).argmax(0)
+    assert (res.mask == ref).float().mean() > 0.999
+    assert "seg_window=(64, 64)" in repr(Predictor(model, seg_window="input"))
+    with pytest.raises(ValueError, match="seg_stride"):
+        Predictor(model, seg_window=32, seg_stride=48)
+    with pytest.raises(ValueError, match="seg_window"):
+        Predictor(model, seg_window="whole")
 
 
 def test_multi_head_model_returns_dict(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def test_augmentation_moves_image_mask_and_boxes_together() -> None:
 @pytest.fixture(scope="module")
 def sem_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sem_run")
-    cfg = compose("train", ["experiment=shapes_sem", *FAST, *SHAPES, "model.input_size=[96,96]",
+    cfg = compose("train", ["experiment=shapes_sem", "backbone=test_resnet", *FAST, *SHAPES, "model.input_size=[96,96]",
                             "trainer.max_epochs=8", "data.batch_size=8", "optimizer.lr=3e-3"], output_dir=out)
     return train(cfg)
 
@@ -48,7 +48,7 @@ def sem_run(tmp_path_factory) -> dict:
 def test_semantic_learns_and_evaluate_reproduces(sem_run: dict, tmp_path: Path) -> None:
     m = sem_run["metrics"]
     print(f"shapes semantic FPN: mIoU {m['val/mIoU']:.3f} pixel acc {m['val/pixel_acc']:.3f}")
-    assert m["val/mIoU"] > 0.25 and m["val/pixel_acc"] > 0.85
+    assert m["val/mIoU"] > 0.2 and m["val/pixel_acc"] > 0.85  # background-only: mIoU ~0.13
     cfg = compose("evaluate", [f"ckpt_path={sem_run['best_ckpt']}", *SHAPES, "data.num_workers=0",
                                "data.persistent_workers=false", "trainer.enable_progress_bar=false", "visualize=2"],
                   output_dir=tmp_path)

@@ -93,7 +93,7 @@ def test_identity_folders_train_and_evaluate_open_set(tmp_path: Path) -> None:
                 img = np.clip(rng.normal(0, 25, (32, 32, 3)) + colours[ident], 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i}.png")
     cfg = compose("train", ["model=similarity", "data=identity_folder", f"data.root={tmp_path / 'ids'}", *FAST,
-                            "backbone=test_resnet", "model.input_size=[32,32]", "data.batch_size=8",
+                            "backbone=test_resnet", "model.input_size=[32,32]", "data.batch_size=6",
                             "model.embedding_dim=16", "trainer.max_epochs=1", "++model.extra.m_per_class=2",
                             "export_bundle=false"], output_dir=tmp_path / "run")
     res = train(cfg)

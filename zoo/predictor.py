@@ -157,6 +157,11 @@ class Predictor:
             (``model.json`` ``postprocess``, i.e. what evaluation used), then the head's own.
         top_k: class names returned per image by classification heads.
         heads: run only these heads (default: all).
+        seg_window: semantic heads only: predict at the image's *original* resolution from overlapping windows of
+            this ``(h, w)`` (one int for a square; ``"input"`` for the model's ``input_size``) instead of one pass
+            over the resized image; for large images where the model was trained on crops. Other heads are
+            unaffected.
+        seg_stride: step between windows (default: two thirds of the window, i.e. one third overlap).
 
     Calling the predictor with one image or a list returns a list with one entry per image: the head's result when
     the model has one head, else ``{head_name: result}``.
@@ -164,7 +169,9 @@ class Predictor:
 
     def __init__(self, model: ZooModel | str | os.PathLike[str], *, device: str | torch.device | None = None,
                  batch_size: int = 8, score_thresh: float | None = None, nms_thresh: float | None = None,
-                 max_detections: int | None = None, top_k: int = 5, heads: Sequence[str] | None = None) -> None:
+                 max_detections: int | None = None, top_k: int = 5, heads: Sequence[str] | None = None,
+                 seg_window: int | Sequence[int] | str | None = None,
+                 seg_stride: int | Sequence[int] | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
             model = load(model, device=device or "cpu")
         if not isinstance(model, ZooModel):
@@ -197,6 +204,25 @@ class Predictor:
                            ("max_detections", max_detections)):
             if value is not None:
                 self.detection_options[key] = value
+        self.seg_window: tuple[int, int] | None = None
+        self.seg_stride: tuple[int, int] | None = None
+        if seg_window is not None:
+            if isinstance(seg_window, str):
+                if seg_window != "input":
+                    raise ValueError(f"seg_window must be an int, an (h, w) pair or 'input', got {seg_window!r}")
+                seg_window = list(self.spec.input_size)
+            win = [int(v) for v in ([seg_window] * 2 if isinstance(seg_window, (int, float)) else seg_window)]
+            if len(win) != 2 or min(win) < 1:
+                raise ValueError(f"seg_window must be a positive int or an (h, w) pair, got {seg_window!r}")
+            self.seg_window = (win[0], win[1])
+            st = seg_stride if seg_stride is not None else [max(1, 2 * v // 3) for v in win]
+            st = [int(v) for v in ([st] * 2 if isinstance(st, (int, float)) else st)]
+            if len(st) != 2 or min(st) < 1 or st[0] > win[0] or st[1] > win[1]:
+                raise ValueError(f"seg_stride must be positive and no larger than seg_window {tuple(win)}, "
+                                 f"got {seg_stride!r}")
+            self.seg_stride = (st[0], st[1])
+        elif seg_stride is not None:
+            raise ValueError("seg_stride needs seg_window")
 
     def class_names(self, head: str) -> list[str]:
         """Class names of ``head`` from the spec (``"0"``, ``"1"``, ... when the spec has none)."""
@@ -248,10 +274,16 @@ class Predictor:
         return self([image])[0]
 
     def _predict_arrays(self, arrays: list[np.ndarray]) -> list[Result | dict[str, Result]]:
-        batch, infos = self.preprocess(arrays)
+        windowed = [n for n in self.heads if self.seg_window is not None and self.kinds[n] == "semantic"]
+        rest = [n for n in self.heads if n not in windowed]
+        per_head: dict[str, list[Result]] = {}
         with torch.inference_mode():
-            raw = self.model(batch, heads=self.heads)
-            per_head = {name: self._postprocess(name, raw[name], infos) for name in self.heads}
+            if rest:
+                batch, infos = self.preprocess(arrays)
+                raw = self.model(batch, heads=rest)
+                per_head.update({name: self._postprocess(name, raw[name], infos) for name in rest})
+            for name in windowed:
+                per_head[name] = [self._sliding_semantic(name, arr) for arr in arrays]
         if len(self.heads) == 1:
             return per_head[self.heads[0]]
         return [{name: per_head[name][i] for name in self.heads} for i in range(len(arrays))]
@@ -298,7 +330,25 @@ class Predictor:
             return [Embedding(vector=v.float().cpu()) for v in emb]
         raise ValueError(f"head {name!r}: no result type for kind {kind!r}")
 
+    def _sliding_semantic(self, name: str, arr: np.ndarray) -> SemanticSegmentation:
+        """One image at its original resolution, from overlapping ``seg_window`` tiles (logits averaged)."""
+        from zoo.heads.segmentation.inference import sliding_window_logits
+
+        s = self.spec
+        pixels = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+        image = normalize(pixels, s.mean, s.std).unsqueeze(0).to(self.device)
+        head = self.model.heads[name]
+
+        def logits_fn(tiles: torch.Tensor) -> Any:
+            return self.model(tiles, heads=[name])[name]
+
+        full = sliding_window_logits(logits_fn, image, self.seg_window, self.seg_stride,
+                                     num_classes=getattr(head, "num_classes", None))
+        [pred] = head.postprocess(full, [tuple(full.shape[-2:])])
+        return SemanticSegmentation(mask=pred["mask"].long().cpu(), class_names=self.class_names(name))
+
     def __repr__(self) -> str:
         s = self.spec
         return (f"Predictor({s.backbone.get('name')}, heads={self.kinds}, input_size={s.input_size}, "
-                f"resize={s.resize!r}, device={self.device}, batch_size={self.batch_size})")
+                f"resize={s.resize!r}, device={self.device}, batch_size={self.batch_size}"
+                + (f", seg_window={self.seg_window}, seg_stride={self.seg_stride}" if self.seg_window else "") + ")")

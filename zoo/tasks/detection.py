@@ -15,23 +15,21 @@ from typing import Any
 
 import torch
 
+from zoo.predictor import boxes_to_original
+from zoo.preprocess import ResizeInfo
 from zoo.tasks.base import ZooTask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DetectionTask", "to_original_boxes"]
+__all__ = ["DetectionTask", "resize_info"]
 
 HEAD = "det"
 
 
-def to_original_boxes(boxes: torch.Tensor, scale: tuple[float, float], orig_size: tuple[int, int]) -> torch.Tensor:
-    """Map xyxy boxes from resized-input pixels back to original pixels (``scale`` = (sy, sx)) and clip."""
-    sy, sx = scale
-    out = boxes / boxes.new_tensor([sx, sy, sx, sy])
-    h, w = orig_size
-    out[:, 0::2] = out[:, 0::2].clamp(0, w)
-    out[:, 1::2] = out[:, 1::2].clamp(0, h)
-    return out
+def resize_info(batch: dict, i: int) -> ResizeInfo:
+    """The resize record of image ``i`` of a collated batch (what the Predictor computes for a service)."""
+    sy, sx = batch["scales"][i]
+    return ResizeInfo(tuple(batch["orig_sizes"][i]), tuple(batch["image_sizes"][i]), sy, sx)
 
 
 class DetectionTask(ZooTask):
@@ -124,7 +122,7 @@ class DetectionTask(ZooTask):
     def _collect(self, det: dict, batch: dict, i: int) -> None:
         img_id = int(batch["image_ids"][i])
         self._image_ids.append(img_id)
-        boxes = to_original_boxes(det["boxes"].float().cpu(), batch["scales"][i], batch["orig_sizes"][i])
+        boxes = boxes_to_original(det["boxes"].float().cpu(), resize_info(batch, i))
         cat_ids = self.category_ids
         for b, s, l in zip(boxes.tolist(), det["scores"].float().cpu().tolist(), det["labels"].cpu().tolist()):
             self._results.append({"image_id": img_id, "category_id": int(cat_ids[l]),

@@ -8,24 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from zoo.tasks.detection import DetectionTask, to_original_boxes
+from zoo.predictor import boxes_to_original, masks_to_original
+from zoo.tasks.detection import DetectionTask, resize_info
 
-__all__ = ["InstanceTask", "masks_to_original"]
-
-
-def masks_to_original(masks: torch.Tensor, size: tuple[int, int], orig_size: tuple[int, int],
-                      threshold: float = 0.5) -> torch.Tensor:
-    """Mask probabilities ``(M, 1, h_pad, w_pad)`` or ``(M, h, w)`` at input size -> binary ``(M, H, W)`` at the
-    original size (the valid region ``size`` is cropped first)."""
-    if masks.dim() == 3:
-        masks = masks[:, None]
-    h, w = size
-    m = masks[:, :, :h, :w].float()
-    if len(m):
-        m = F.interpolate(m, size=tuple(orig_size), mode="bilinear", align_corners=False)
-    return m[:, 0] >= threshold
+__all__ = ["InstanceTask"]
 
 
 class InstanceTask(DetectionTask):
@@ -47,8 +34,9 @@ class InstanceTask(DetectionTask):
 
         img_id = int(batch["image_ids"][i])
         self._image_ids.append(img_id)
-        boxes = to_original_boxes(det["boxes"].float().cpu(), batch["scales"][i], batch["orig_sizes"][i])
-        masks = masks_to_original(det["masks"].cpu(), batch["image_sizes"][i], batch["orig_sizes"][i])
+        info = resize_info(batch, i)
+        boxes = boxes_to_original(det["boxes"].float().cpu(), info)
+        masks = masks_to_original(det["masks"].cpu(), info)
         cat_ids = self.category_ids
         rles = mask_util.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8))) if len(masks) else []
         for b, s, l, rle in zip(boxes.tolist(), det["scores"].float().cpu().tolist(), det["labels"].cpu().tolist(), rles):
