@@ -18,7 +18,7 @@ SHAPES = ["data.shapes.num_train=400", "data.shapes.num_val=100", "data.shapes.i
 @pytest.fixture(scope="module")
 def det_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("det_run")
-    cfg = compose("train", ["experiment=shapes_det", *FAST, *SHAPES, "model.input_size=[96,96]",
+    cfg = compose("train", ["experiment=shapes_det", "backbone=test_resnet", *FAST, *SHAPES, "model.input_size=[96,96]",
                             "trainer.max_epochs=6", "data.batch_size=8", "callbacks.visualize=0"], output_dir=out)
     return train(cfg)
 
@@ -60,7 +60,7 @@ def test_fcos_overfits_a_few_real_coco_images(tmp_path: Path) -> None:
                             "backbone=resnet10t", "model.input_size=[256,256]", "data.limit_train_images=4",
                             "data.limit_val_images=4", "data.batch_size=4", "data.augment=[]",
                             "++model.necks.fpn.out_channels=64", "++model.heads.det.num_convs=2",
-                            "trainer.max_epochs=150", "trainer.check_val_every_n_epoch=150",
+                            "trainer.max_epochs=100", "trainer.check_val_every_n_epoch=100",
                             "trainer.gradient_clip_val=10", "optimizer.lr=1e-3", "optimizer.weight_decay=0",
                             "scheduler.warmup_epochs=20", "export_bundle=false"], output_dir=tmp_path)
     m = train(cfg)["metrics"]

@@ -4,6 +4,7 @@ coco128 images."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,14 +109,25 @@ def test_mask_folder_errors_name_the_file(tmp_path: Path) -> None:
         [ds[i] for i in range(len(ds))]
 
 
-def test_mask_rcnn_gives_mask_ap_on_the_embedded_dataset(tmp_path: Path) -> None:
-    cfg = compose("train", ["experiment=shapes_inst", *FAST, "data.shapes.num_train=200", "data.shapes.num_val=50",
-                            "data.shapes.image_size=96", "model.input_size=[96,96]", "trainer.max_epochs=3",
-                            "data.batch_size=4", "callbacks.visualize=0"], output_dir=tmp_path)
+@pytest.mark.slow
+def test_mask_rcnn_overfits_a_few_real_coco_images(tmp_path: Path) -> None:
+    """The instance preset (Mask R-CNN on the zoo backbone) trained on 4 coco128 images: mask AP50 clearly above
+    zero on them (about 0.5 after 60 steps, 0.76 after 100 on 2 CPU cores), scored by the COCO evaluator from
+    RLE-encoded masks."""
+    if not (SHARED_DATA / "coco128").is_dir():
+        pytest.skip("../shared/data/coco128 not present")
+    cfg = compose("train", ["experiment=shapes_inst", "data=coco", f"data.root={SHARED_DATA / 'coco128'}", *FAST,
+                            "model.input_size=[192,192]", "data.limit_train_images=4", "data.limit_val_images=4",
+                            "data.batch_size=4", "data.augment=[]", "callbacks.visualize=2", "trainer.max_epochs=80",
+                            "trainer.check_val_every_n_epoch=80", "optimizer.weight_decay=0",
+                            "scheduler.warmup_epochs=10", "export_bundle=false"], output_dir=tmp_path)
     m = train(cfg)["metrics"]
-    print(f"shapes Mask R-CNN: box AP {m['val/mAP']:.3f} mask AP {m['val/segm_mAP']:.3f} "
+    print(f"coco128 Mask R-CNN overfit (4 images): box AP50 {m['val/mAP50']:.3f} mask AP {m['val/segm_mAP']:.3f} "
           f"mask AP50 {m['val/segm_mAP50']:.3f}")
-    assert m["val/segm_mAP50"] > 0.02
+    assert m["val/segm_mAP50"] >= 0.3 and m["val/mAP50"] >= 0.5
+    results = json.loads((tmp_path / "detections.json").read_text())
+    assert results and all(isinstance(r["segmentation"]["counts"], str) for r in results)
+    assert len(list((tmp_path / "visualizations").glob("*.png"))) == 2
 
 
 @pytest.mark.slow
@@ -126,8 +138,8 @@ def test_semantic_overfits_a_few_real_coco_images(tmp_path: Path) -> None:
     cfg = compose("train", ["model=semantic", "data=coco", f"data.root={SHARED_DATA / 'coco128'}", *FAST,
                             "backbone=resnet10t", "model.input_size=[128,128]", "data.limit_train_images=4",
                             "data.limit_val_images=4", "data.batch_size=4", "data.augment=[]",
-                            "++model.heads.seg.channels=64", "trainer.max_epochs=150",
-                            "trainer.check_val_every_n_epoch=150", "optimizer.lr=2e-3", "optimizer.weight_decay=0",
+                            "++model.heads.seg.channels=64", "trainer.max_epochs=90",
+                            "trainer.check_val_every_n_epoch=90", "optimizer.lr=2e-3", "optimizer.weight_decay=0",
                             "scheduler.warmup_epochs=10", "export_bundle=false"], output_dir=tmp_path)
     m = train(cfg)["metrics"]
     print(f"coco128 semantic overfit (4 images): mIoU {m['val/mIoU']:.3f}")
