@@ -104,8 +104,10 @@ class EmbeddingIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         if len(self) == 0:
             return [[] for _ in range(q.shape[0])]
-        scores, indices = knn(q.to(self.embeddings.device), self.embeddings, min(int(k), len(self)),
-                              batch_size=batch_size, backend=backend)
+        # the stored embeddings are unit vectors already: normalise the queries only (no gallery pass per search)
+        q = F.normalize(q.to(self.embeddings.device).float(), dim=1)
+        scores, indices = knn(q, self.embeddings, min(int(k), len(self)), batch_size=batch_size, backend=backend,
+                              normalize=False)
         return [[(self.ids[j], float(s)) for s, j in zip(srow, irow)]
                 for srow, irow in zip(scores.cpu().tolist(), indices.cpu().tolist())]
 
