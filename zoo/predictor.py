@@ -22,11 +22,11 @@ from typing import Any, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from zoo.hub.api import head_kind, load, model_meta
 from zoo.models import ZooModel
-from zoo.preprocess import ResizeInfo, compute_resize, normalize, pad_batch, resize_image
+from zoo.preprocess import ResizeInfo, compute_resize, decode_rgb, normalize, pad_batch, resize_image
 from zoo.results import Classification, Detections, Embedding, InstanceSegmentation, Result, SemanticSegmentation
 
 __all__ = ["Predictor", "ImageInput", "to_rgb_array"]
@@ -38,17 +38,6 @@ ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tenso
 DETECTION_OPTIONS = ("score_thresh", "nms_thresh", "max_detections", "pre_nms_topk")
 #: Instance masks are binarised at this probability after resizing to the original size (as evaluation does).
 MASK_THRESHOLD = 0.5
-
-
-def _decode(src: Any, what: str) -> np.ndarray:
-    try:
-        with Image.open(src) as im:
-            im.load()
-            return np.array(im.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file {what} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{what} is corrupt or not an image PIL can read ({err})") from err
 
 
 def to_rgb_array(image: ImageInput) -> np.ndarray:
@@ -63,9 +52,9 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
         ``(H, W, 3)`` uint8 C-contiguous array.
     """
     if isinstance(image, (str, os.PathLike)):
-        return _decode(Path(image).expanduser(), str(image))
+        return decode_rgb(Path(image).expanduser(), str(image))
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(image)), f"the given bytes ({len(image)} bytes)")
+        return decode_rgb(io.BytesIO(bytes(image)), f"the given bytes ({len(image)} bytes)")
     if isinstance(image, Image.Image):
         return np.array(image.convert("RGB"))
     if isinstance(image, torch.Tensor):

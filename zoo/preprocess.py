@@ -1,7 +1,7 @@
 """Deterministic evaluation/serving preprocessing: resize policy + normalisation.
 
 Shared by the evaluation datasets and by :class:`zoo.Predictor`, so that a service sees exactly the tensors
-evaluation saw. Only torch and numpy: this module is on the lean serving path.
+evaluation saw (including how files are decoded). Only torch, numpy and PIL: this module is on the lean serving path.
 """
 
 from __future__ import annotations
@@ -12,11 +12,27 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
-__all__ = ["RESIZE_MODES", "ResizeInfo", "compute_resize", "resize_image", "normalize", "resize_boxes",
+__all__ = ["RESIZE_MODES", "ResizeInfo", "decode_rgb", "compute_resize", "resize_image", "normalize", "resize_boxes",
            "resize_mask", "pad_batch"]
 
 RESIZE_MODES = ("stretch", "longest", "letterbox")
+
+
+def decode_rgb(src, what: str) -> np.ndarray:
+    """Decode an image (a path or a binary file object) to an ``(H, W, 3)`` uint8 RGB array with PIL.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for data PIL cannot read, both naming ``what``.
+    """
+    try:
+        with Image.open(src) as im:
+            im.load()
+            return np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {what} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{what} is corrupt or not an image PIL can read ({err})") from err
 
 
 @dataclass(frozen=True)

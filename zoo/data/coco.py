@@ -24,10 +24,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from zoo.preprocess import ResizeInfo, compute_resize, normalize, resize_boxes, resize_image, resize_mask
+from zoo.preprocess import ResizeInfo, compute_resize, decode_rgb, normalize, resize_boxes, resize_image, resize_mask
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +44,12 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """Read an image file as an ``(H, W, 3)`` uint8 RGB array; a clear error for missing or corrupt files."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return np.array(im.convert("RGB"))
+        return decode_rgb(path, str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist (check data.root and the split names)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise BadAnnotationError(f"image file {path} is corrupt or not an image ({err}); delete or replace it, "
-                                 "or remove its entry from the annotation json") from err
+    except ValueError as err:
+        raise BadAnnotationError(f"{err}; delete or replace the file, or remove its entry from the annotation "
+                                 "json") from err
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from zoo.heads.detection.common import (
     PaddedTargets, check_levels, conv_tower, flatten_levels, grid_points, pad_targets, prior_bias,
 )
-from zoo.heads.detection.postprocess import postprocess_detections, resolve_thresholds
+from zoo.heads.detection.postprocess import DensePostprocess
 
 __all__ = ["FCOSHead", "fcos_size_ranges", "assign_fcos_targets"]
 
@@ -72,7 +72,7 @@ def assign_fcos_targets(points: torch.Tensor, point_strides: torch.Tensor, point
     return matched, ignore, ltrb
 
 
-class FCOSHead(nn.Module):
+class FCOSHead(DensePostprocess, nn.Module):
     """FCOS head: shared GroupNorm towers over all levels, per-level learnable scale, centerness on the
     regression branch; sigmoid focal loss, GIoU box loss, centerness BCE.
 
@@ -184,13 +184,3 @@ class FCOSHead(nn.Module):
         boxes = torch.cat([pts - ltrb[..., :2], pts + ltrb[..., 2:]], dim=-1)
         scores = torch.sqrt(raw["cls_logits"].float().sigmoid() * raw["centerness"].float().sigmoid()[..., None])
         return boxes, scores
-
-    def postprocess(self, raw: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]], *,
-                    score_thresh: float | None = None, nms_thresh: float | None = None,
-                    max_detections: int | None = None, pre_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """Detections per image (see :func:`~zoo.heads.detection.postprocess.postprocess_detections`): ``boxes``
-        ``(M, 4)`` xyxy input pixels clipped to ``image_sizes``, ``scores`` ``(M,)``, ``labels`` ``(M,)`` int64."""
-        opts = resolve_thresholds(self.post, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                                  max_detections=max_detections, pre_nms_topk=pre_nms_topk)
-        boxes, scores = self.decode(raw)
-        return postprocess_detections(boxes, scores, image_sizes, **opts)

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
-__all__ = ["postprocess_detections", "resolve_thresholds"]
+__all__ = ["DensePostprocess", "postprocess_detections", "resolve_thresholds"]
 
 
 def resolve_thresholds(defaults: dict[str, float | int], **overrides: float | int | None) -> dict[str, float | int]:
@@ -79,3 +79,23 @@ def postprocess_detections(
         keep = batched_nms(sel, cand_scores, labels, float(nms_thresh))[: int(max_detections)]
         results.append({"boxes": sel[keep], "scores": cand_scores[keep], "labels": labels[keep].long()})
     return results
+
+
+class DensePostprocess:
+    """``postprocess`` for dense one-stage heads: ``self.decode(raw)`` gives per-image candidate boxes and per-class
+    scores, ``self.post`` the head's default thresholds; the shared :func:`postprocess_detections` does the rest."""
+
+    post: dict[str, float | int]
+
+    def decode(self, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def postprocess(self, raw: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]], *,
+                    score_thresh: float | None = None, nms_thresh: float | None = None,
+                    max_detections: int | None = None, pre_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Detections per image (see :func:`postprocess_detections`): ``boxes`` ``(M, 4)`` xyxy input pixels clipped
+        to ``image_sizes``, ``scores`` ``(M,)``, ``labels`` ``(M,)`` int64; ``None`` keeps the head's default."""
+        opts = resolve_thresholds(self.post, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                                  max_detections=max_detections, pre_nms_topk=pre_nms_topk)
+        boxes, scores = self.decode(raw)
+        return postprocess_detections(boxes, scores, image_sizes, **opts)

@@ -14,14 +14,14 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from zoo.heads.detection.common import (
     IGNORE, cached_anchors, check_levels, conv_tower, flatten_levels, match_anchors, pad_targets, prior_bias,
 )
-from zoo.heads.detection.postprocess import postprocess_detections, resolve_thresholds
+from zoo.heads.detection.postprocess import DensePostprocess
 
 __all__ = ["RetinaNetHead"]
 
 _BOX_LOSSES = ("giou", "smooth_l1", "l1")
 
 
-class RetinaNetHead(nn.Module):
+class RetinaNetHead(DensePostprocess, nn.Module):
     """RetinaNet head: classification and box-delta towers shared across levels, ``len(scales) * len(ratios)``
     anchors per location, focal loss and a GIoU or (smooth) L1 box loss.
 
@@ -136,13 +136,3 @@ class RetinaNetHead(nn.Module):
         anchors = raw["anchors"].float()[None].expand(b, -1, -1).reshape(-1, 4)
         boxes = self.box_coder.decode_single(deltas.reshape(-1, 4), anchors).view(b, a, 4)
         return boxes, raw["cls_logits"].float().sigmoid()
-
-    def postprocess(self, raw: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]], *,
-                    score_thresh: float | None = None, nms_thresh: float | None = None,
-                    max_detections: int | None = None, pre_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """Detections per image (see :func:`~zoo.heads.detection.postprocess.postprocess_detections`): ``boxes``
-        ``(M, 4)`` xyxy input pixels clipped to ``image_sizes``, ``scores`` ``(M,)``, ``labels`` ``(M,)`` int64."""
-        opts = resolve_thresholds(self.post, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                                  max_detections=max_detections, pre_nms_topk=pre_nms_topk)
-        boxes, scores = self.decode(raw)
-        return postprocess_detections(boxes, scores, image_sizes, **opts)
