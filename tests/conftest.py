@@ -54,6 +54,15 @@ FAST = ["trainer.enable_progress_bar=false", "data.num_workers=0", "data.persist
         "logger.names=[csv]", "callbacks.lr_monitor=false"]
 
 
+def overfit(root: Path, epochs: int, warmup: int) -> list[str]:
+    """Overrides shared by the overfit checks: train and validate on the same first 4 images of a real COCO subset,
+    one batch per step, no augmentation or weight decay, validation once at the end, no bundle."""
+    return ["data=coco", f"data.root={root}", *FAST, "data.limit_train_images=4", "data.limit_val_images=4",
+            "data.batch_size=4", "data.augment=[]", f"trainer.max_epochs={epochs}",
+            f"trainer.check_val_every_n_epoch={epochs}", "optimizer.weight_decay=0", f"scheduler.warmup_epochs={warmup}",
+            "export_bundle=false"]
+
+
 def compose(config_name: str = "train", overrides: list[str] | None = None, output_dir: Path | None = None):
     """Compose ``conf/<config_name>.yaml`` with overrides, as the command line would."""
     from hydra import compose as hcompose

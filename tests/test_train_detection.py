@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, SHARED_DATA, compose
+from tests.conftest import FAST, compose, overfit
 from zoo.evaluation import evaluate
 from zoo.training import train
 
@@ -52,17 +52,12 @@ def test_evaluate_checkpoint_and_results_file(det_run: dict, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_fcos_overfits_a_few_real_coco_images(tmp_path: Path) -> None:
+def test_fcos_overfits_a_few_real_coco_images(tmp_path: Path, coco128: Path) -> None:
     """A detector trained on a few coco128 images reaches AP50 >= 0.5 on those images."""
-    if not (SHARED_DATA / "coco128").is_dir():
-        pytest.skip("../shared/data/coco128 not present")
-    cfg = compose("train", ["model=detection", "data=coco", f"data.root={SHARED_DATA / 'coco128'}", *FAST,
-                            "backbone=resnet10t", "model.input_size=[256,256]", "data.limit_train_images=4",
-                            "data.limit_val_images=4", "data.batch_size=4", "data.augment=[]",
-                            "++model.necks.fpn.out_channels=64", "++model.heads.det.num_convs=2",
-                            "trainer.max_epochs=100", "trainer.check_val_every_n_epoch=100",
-                            "trainer.gradient_clip_val=10", "optimizer.lr=1e-3", "optimizer.weight_decay=0",
-                            "scheduler.warmup_epochs=20", "export_bundle=false"], output_dir=tmp_path)
+    cfg = compose("train", ["model=detection", *overfit(coco128, epochs=100, warmup=20), "backbone=resnet10t",
+                            "model.input_size=[256,256]", "++model.necks.fpn.out_channels=64",
+                            "++model.heads.det.num_convs=2", "trainer.gradient_clip_val=10", "optimizer.lr=1e-3"],
+                  output_dir=tmp_path)
     m = train(cfg)["metrics"]
     print(f"coco128 overfit (4 images): AP {m['val/mAP']:.3f} AP50 {m['val/mAP50']:.3f}")
     assert m["val/mAP50"] >= 0.5

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import FAST, SHARED_DATA, compose
+from tests.conftest import FAST, compose, overfit
 from zoo.evaluation import evaluate
 from zoo.training import train
 
@@ -110,17 +110,12 @@ def test_mask_folder_errors_name_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mask_rcnn_overfits_a_few_real_coco_images(tmp_path: Path) -> None:
+def test_mask_rcnn_overfits_a_few_real_coco_images(tmp_path: Path, coco128: Path) -> None:
     """The instance preset (Mask R-CNN on the zoo backbone) trained on 4 coco128 images: mask AP50 clearly above
     zero on them (about 0.5 after 60 steps, 0.76 after 100 on 2 CPU cores), scored by the COCO evaluator from
     RLE-encoded masks."""
-    if not (SHARED_DATA / "coco128").is_dir():
-        pytest.skip("../shared/data/coco128 not present")
-    cfg = compose("train", ["experiment=shapes_inst", "data=coco", f"data.root={SHARED_DATA / 'coco128'}", *FAST,
-                            "model.input_size=[192,192]", "data.limit_train_images=4", "data.limit_val_images=4",
-                            "data.batch_size=4", "data.augment=[]", "callbacks.visualize=2", "trainer.max_epochs=80",
-                            "trainer.check_val_every_n_epoch=80", "optimizer.weight_decay=0",
-                            "scheduler.warmup_epochs=10", "export_bundle=false"], output_dir=tmp_path)
+    cfg = compose("train", ["experiment=shapes_inst", *overfit(coco128, epochs=80, warmup=10),
+                            "model.input_size=[192,192]", "callbacks.visualize=2"], output_dir=tmp_path)
     m = train(cfg)["metrics"]
     print(f"coco128 Mask R-CNN overfit (4 images): box AP50 {m['val/mAP50']:.3f} mask AP {m['val/segm_mAP']:.3f} "
           f"mask AP50 {m['val/segm_mAP50']:.3f}")
@@ -131,16 +126,11 @@ def test_mask_rcnn_overfits_a_few_real_coco_images(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_semantic_overfits_a_few_real_coco_images(tmp_path: Path) -> None:
+def test_semantic_overfits_a_few_real_coco_images(tmp_path: Path, coco128: Path) -> None:
     """mIoU >= 0.5 over the classes present, on a few coco128 images it trained on."""
-    if not (SHARED_DATA / "coco128").is_dir():
-        pytest.skip("../shared/data/coco128 not present")
-    cfg = compose("train", ["model=semantic", "data=coco", f"data.root={SHARED_DATA / 'coco128'}", *FAST,
-                            "backbone=resnet10t", "model.input_size=[128,128]", "data.limit_train_images=4",
-                            "data.limit_val_images=4", "data.batch_size=4", "data.augment=[]",
-                            "++model.heads.seg.channels=64", "trainer.max_epochs=90",
-                            "trainer.check_val_every_n_epoch=90", "optimizer.lr=2e-3", "optimizer.weight_decay=0",
-                            "scheduler.warmup_epochs=10", "export_bundle=false"], output_dir=tmp_path)
+    cfg = compose("train", ["model=semantic", *overfit(coco128, epochs=90, warmup=10), "backbone=resnet10t",
+                            "model.input_size=[128,128]", "++model.heads.seg.channels=64", "optimizer.lr=2e-3"],
+                  output_dir=tmp_path)
     m = train(cfg)["metrics"]
     print(f"coco128 semantic overfit (4 images): mIoU {m['val/mIoU']:.3f}")
     assert m["val/mIoU"] >= 0.5
