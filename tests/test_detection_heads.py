@@ -14,7 +14,7 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.ops import box_iou
 
 from zoo.backbones import TimmBackbone
-from zoo.backbones.fpn import FPN
+from zoo.heads.necks import FPN
 from zoo.heads.detection import FCOSHead, FasterRCNNHead, RetinaNetHead, postprocess_detections
 from zoo.heads.detection.common import BACKGROUND, IGNORE, match_anchors, pad_targets
 from zoo.heads.instance import MaskRCNNHead
@@ -87,7 +87,7 @@ def test_output_shapes(head, family):
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         raw = model(x)["det"]
-        out = model.heads["det"].postprocess(raw, [(64, 96), (50, 70)], score_thresh=0.0, max_detections=7)
+        out = model.heads["det"].predict(raw, [(64, 96), (50, 70)], score_thresh=0.0, max_detections=7)
     grid = 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2 + 1 * 1
     if head == "fcos":
         assert raw["cls_logits"].shape == (2, grid, NUM_CLASSES)
@@ -115,7 +115,7 @@ def test_losses_finite_with_empty_image_and_crowd(head):
     torch.manual_seed(0)
     model = make_model(head).train()
     raw = model(torch.randn(2, 3, 64, 96))["det"]
-    losses = model.heads["det"].loss(raw, make_targets(64, 96), [(64, 96), (64, 96)])
+    losses = model.heads["det"].compute_loss(raw, make_targets(64, 96), [(64, 96), (64, 96)])
     expected = {"fcos": {"loss_cls", "loss_box", "loss_centerness"}, "retinanet": {"loss_cls", "loss_box"},
                 "faster_rcnn": {"loss_objectness", "loss_rpn_box", "loss_cls", "loss_box"}}
     expected["mask_rcnn"] = expected["faster_rcnn"] | {"loss_mask"}
@@ -131,7 +131,7 @@ def test_all_empty_batch_gives_finite_losses(head):
     model = make_model(head)
     raw = model(torch.randn(2, 3, 64, 64))["det"]
     targets = [make_targets(64, 64)[1]] * 2
-    losses = model.heads["det"].loss(raw, targets, [(64, 64)] * 2)
+    losses = model.heads["det"].compute_loss(raw, targets, [(64, 64)] * 2)
     assert all(torch.isfinite(v) for v in losses.values())
     box_keys = [k for k in losses if k in ("loss_box", "loss_rpn_box", "loss_centerness")]
     assert all(float(losses[k].detach()) == 0.0 for k in box_keys)
@@ -152,7 +152,7 @@ def test_crowd_box_alone_gives_no_positives_fcos():
     # the same box without the crowd flag has positives
     plain = [dict(crowd_only_targets()[0], iscrowd=torch.tensor([False]))]
     assert (head.assign(raw, plain)[1] >= 0).any()
-    losses = head.loss(raw, crowd_only_targets())
+    losses = head.compute_loss(raw, crowd_only_targets())
     assert float(losses["loss_box"].detach()) == 0.0 and float(losses["loss_centerness"].detach()) == 0.0
 
 
@@ -166,7 +166,7 @@ def test_crowd_box_alone_gives_no_positives_anchor_heads():
     for name in ("retinanet", "faster_rcnn"):
         model = make_model(name)
         raw = model(torch.randn(1, 3, 64, 64))["det"]
-        losses = model.heads["det"].loss(raw, crowd_only_targets(), [(64, 64)])
+        losses = model.heads["det"].compute_loss(raw, crowd_only_targets(), [(64, 64)])
         assert float(losses["loss_box"].detach()) == 0.0, name
         if name == "faster_rcnn":
             assert float(losses["loss_rpn_box"].detach()) == 0.0
@@ -251,7 +251,7 @@ def test_loss_decreases_on_fixed_batch(head):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     history = []
     for _ in range(20):
-        losses = model.heads["det"].loss(model(x)["det"], targets, sizes)
+        losses = model.heads["det"].compute_loss(model(x)["det"], targets, sizes)
         total = sum(losses.values())
         opt.zero_grad()
         total.backward()
@@ -266,7 +266,7 @@ def test_faster_rcnn_loss_in_eval_mode_uses_training_proposals():
     torch.manual_seed(0)
     model = make_model("faster_rcnn").eval()
     raw = model(torch.randn(2, 3, 64, 96))["det"]
-    losses = model.heads["det"].loss(raw, make_targets(64, 96), [(64, 96)] * 2)
+    losses = model.heads["det"].compute_loss(raw, make_targets(64, 96), [(64, 96)] * 2)
     assert all(torch.isfinite(v) for v in losses.values())
     assert model.heads["det"].rpn.post_nms_top_n() == 100  # the loss switched to the training counts
 
@@ -295,15 +295,15 @@ def test_head_postprocess_respects_limits(head):
     model = make_model(head, score_thresh=0.0).eval()
     with torch.no_grad():
         raw = model(torch.randn(1, 3, 64, 64))["det"]
-        full = model.heads["det"].postprocess(raw, [(60, 40)])[0]
-        few = model.heads["det"].postprocess(raw, [(60, 40)], max_detections=3)[0]
-        high = model.heads["det"].postprocess(raw, [(60, 40)], score_thresh=float(full["scores"].median()))[0]
+        full = model.heads["det"].predict(raw, [(60, 40)])[0]
+        few = model.heads["det"].predict(raw, [(60, 40)], max_detections=3)[0]
+        high = model.heads["det"].predict(raw, [(60, 40)], score_thresh=float(full["scores"].median()))[0]
     assert len(full["scores"]) > 3 and len(few["scores"]) == 3
     assert torch.allclose(few["scores"], full["scores"][:3])
     assert 0 < len(high["scores"]) < len(full["scores"]) and (high["scores"] > full["scores"].median()).all()
     assert (full["boxes"][:, 2] <= 40).all() and (full["boxes"][:, 3] <= 60).all() and (full["boxes"] >= 0).all()
     with pytest.raises(TypeError):
-        model.heads["det"].postprocess(raw, [(60, 40)], iou=0.5)
+        model.heads["det"].predict(raw, [(60, 40)], iou=0.5)
 
 
 # ---------------------------------------------------------------------------------------------------- real COCO
@@ -341,9 +341,9 @@ def test_real_coco_image_with_crowd_fcos_and_mask_rcnn():
     gt, matched, ignore, _ = fcos.heads["det"].assign(raw, targets)
     pos = matched[0][matched[0] >= 0]
     assert pos.numel() > 0 and not gt.crowd[0][pos].any() and ignore.any()
-    assert all(torch.isfinite(v) for v in fcos.heads["det"].loss(raw, targets, [(128, 128)]).values())
+    assert all(torch.isfinite(v) for v in fcos.heads["det"].compute_loss(raw, targets, [(128, 128)]).values())
     mask_rcnn = make_model("mask_rcnn", num_classes=80)
-    losses = mask_rcnn.heads["det"].loss(mask_rcnn(x)["det"], targets, [(128, 128)])
+    losses = mask_rcnn.heads["det"].compute_loss(mask_rcnn(x)["det"], targets, [(128, 128)])
     assert all(torch.isfinite(v) for v in losses.values()) and float(losses["loss_mask"].detach()) > 0
 
 
@@ -354,18 +354,18 @@ def test_clear_errors():
     head = RetinaNetHead([8] * 2, [8, 16], num_classes=2, num_convs=1)
     raw = head([torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)])
     with pytest.raises(ValueError, match="contiguous"):
-        head.loss(raw, [{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([2])}])
+        head.compute_loss(raw, [{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([2])}])
     with pytest.raises(KeyError, match="boxes"):
-        head.loss(raw, [{"labels": torch.tensor([0])}])
+        head.compute_loss(raw, [{"labels": torch.tensor([0])}])
     mask_head = MaskRCNNHead([8] * 3, [8, 16, 32], num_classes=2, representation_size=16, mask_layers=[8], mask_dim=8)
     raw = mask_head([torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2)])
     with pytest.raises(KeyError, match="masks"):
-        mask_head.loss(raw, [{"boxes": torch.tensor([[0.0, 0, 30, 30]]), "labels": torch.tensor([1])}], [(64, 64)])
+        mask_head.compute_loss(raw, [{"boxes": torch.tensor([[0.0, 0, 30, 30]]), "labels": torch.tensor([1])}], [(64, 64)])
     assert isinstance(mask_head, FasterRCNNHead)
 
 
 def test_serving_modules_import_light():
-    code = ("import sys, zoo.backbones.fpn, zoo.heads.detection, zoo.heads.instance; "
+    code = ("import sys, zoo.heads.necks, zoo.heads.detection, zoo.heads.instance; "
             "bad = [m for m in ('lightning', 'hydra', 'omegaconf', 'albumentations', 'pycocotools', 'torchmetrics') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

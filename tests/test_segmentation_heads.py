@@ -39,7 +39,7 @@ def test_shapes_loss_and_gradients(backbone: str, decoder: str) -> None:
     assert raw["aux"].shape == (2, K, 4, 6)  # stride-16 level
     assert head.output_stride == 4
     targets = torch.randint(0, K, (2, 64, 96))
-    losses = head.loss(raw, targets)
+    losses = head.compute_loss(raw, targets)
     assert set(losses) == {"loss_seg", "loss_aux"}
     assert all(torch.isfinite(v) for v in losses.values())
     # random init with std-0.01 classifier: cross-entropy close to log(K)
@@ -56,7 +56,7 @@ def test_odd_input_size_and_eval_output(decoder: str) -> None:
         raw = model(torch.randn(1, 3, 70, 50))["seg"]
     assert set(raw) == {"logits"}  # aux head is train-time only
     assert raw["logits"].shape == (1, K, 18, 13)  # ceil(70/4), ceil(50/4): the stride-4 map of resnet10t
-    out = model.heads["seg"].postprocess(raw, [(70, 50)])
+    out = model.heads["seg"].predict(raw, [(70, 50)])
     assert out[0]["mask"].shape == (70, 50) and out[0]["mask"].dtype == torch.int64
 
 
@@ -67,13 +67,13 @@ def test_aux_head_only_in_training() -> None:
     model.train()
     raw = model(x)["seg"]
     assert "aux" in raw
-    losses = head.loss(raw, t)
+    losses = head.compute_loss(raw, t)
     expected = 0.5 * F.cross_entropy(F.interpolate(raw["aux"], size=(64, 64), mode="bilinear"), t)
     torch.testing.assert_close(losses["loss_aux"], expected)
     model.eval()
     with torch.no_grad():
         raw = model(x)["seg"]
-        assert "aux" not in raw and set(head.loss(raw, t)) == {"loss_seg"}
+        assert "aux" not in raw and set(head.compute_loss(raw, t)) == {"loss_seg"}
     plain = seg_model(aux_head=False).train()
     assert "aux" not in plain(x)["seg"] and plain.heads["seg"].aux is None
 
@@ -84,7 +84,7 @@ def test_loss_ignores_255_pixels() -> None:
     target = torch.randint(0, 3, (2, 6, 6))
     target[0, :3] = 255
     target[1, :, 4:] = 255
-    loss = head.loss({"logits": logits}, target)["loss_seg"]
+    loss = head.compute_loss({"logits": logits}, target)["loss_seg"]
     torch.testing.assert_close(loss, F.cross_entropy(logits, target, ignore_index=255))
     loss.backward()
     ignored = (target == 255).unsqueeze(1).expand_as(logits)
@@ -93,7 +93,7 @@ def test_loss_ignores_255_pixels() -> None:
     # changing logits on ignored pixels does not change the loss
     changed = logits.detach().clone()
     changed[ignored] = 50.0
-    torch.testing.assert_close(head.loss({"logits": changed}, target)["loss_seg"], loss.detach())
+    torch.testing.assert_close(head.compute_loss({"logits": changed}, target)["loss_seg"], loss.detach())
 
 
 @pytest.mark.parametrize("dice_weight", [0.0, 1.0])
@@ -101,7 +101,7 @@ def test_all_ignore_target_gives_zero_loss_and_zero_grad(dice_weight: float) -> 
     head = SemanticFPNHead([8, 8], [4, 8], num_classes=3, channels=8, fpn_channels=8, dice_weight=dice_weight,
                            class_weights=[1.0, 2.0, 0.5])
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
-    losses = head.loss({"logits": logits}, torch.full((2, 16, 16), 255, dtype=torch.long))
+    losses = head.compute_loss({"logits": logits}, torch.full((2, 16, 16), 255, dtype=torch.long))
     total = sum(losses.values())
     assert torch.isfinite(total) and total.item() == 0.0
     total.backward()
@@ -138,7 +138,7 @@ def test_dice_term_in_head_loss_and_class_weights() -> None:
     logits = torch.randn(1, 3, 8, 8)
     target = torch.randint(0, 3, (1, 8, 8))
     target[0, 0] = 255
-    losses = head.loss({"logits": logits}, target)
+    losses = head.compute_loss({"logits": logits}, target)
     torch.testing.assert_close(losses["loss_seg"],
                                F.cross_entropy(logits, target, weight=torch.tensor(w), ignore_index=255))
     torch.testing.assert_close(losses["loss_dice"], 0.5 * dice_loss(logits, target))
@@ -150,29 +150,29 @@ def test_loss_upsamples_and_respects_image_sizes() -> None:
     logits = torch.randn(1, 3, 4, 4)
     target = torch.randint(0, 3, (1, 16, 16))
     full = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(head.loss({"logits": logits}, target)["loss_seg"], F.cross_entropy(full, target))
+    torch.testing.assert_close(head.compute_loss({"logits": logits}, target)["loss_seg"], F.cross_entropy(full, target))
     cropped = target.clone()
     cropped[:, 12:] = 255
     cropped[:, :, 10:] = 255
-    torch.testing.assert_close(head.loss({"logits": logits}, target, image_sizes=[(12, 10)])["loss_seg"],
+    torch.testing.assert_close(head.compute_loss({"logits": logits}, target, image_sizes=[(12, 10)])["loss_seg"],
                                F.cross_entropy(full, cropped, ignore_index=255))
     # a list of differently sized masks is padded with the ignore label
     parts = [target[0, :16, :12], target[0, :10, :16]]
     pad = torch.full((2, 16, 16), 255)
     pad[0, :, :12], pad[1, :10] = parts
     logits2 = logits.repeat(2, 1, 1, 1)
-    torch.testing.assert_close(head.loss({"logits": logits2}, parts)["loss_seg"],
+    torch.testing.assert_close(head.compute_loss({"logits": logits2}, parts)["loss_seg"],
                                F.cross_entropy(full.repeat(2, 1, 1, 1), pad, ignore_index=255))
 
 
 def test_bad_targets_and_options_raise_clear_errors() -> None:
     head = UPerNetHead([8, 8], [4, 8], num_classes=3, channels=8)
     with pytest.raises(ValueError, match="num_classes=3"):
-        head.loss({"logits": torch.randn(1, 3, 4, 4)}, torch.full((1, 16, 16), 7))
+        head.compute_loss({"logits": torch.randn(1, 3, 4, 4)}, torch.full((1, 16, 16), 7))
     with pytest.raises(TypeError, match="int64"):
-        head.loss({"logits": torch.randn(1, 3, 4, 4)}, torch.zeros(1, 16, 16))
+        head.compute_loss({"logits": torch.randn(1, 3, 4, 4)}, torch.zeros(1, 16, 16))
     with pytest.raises(TypeError, match="int64"):
-        head.loss({"logits": torch.randn(1, 3, 4, 4)}, [torch.zeros(16, 16)])
+        head.compute_loss({"logits": torch.randn(1, 3, 4, 4)}, [torch.zeros(16, 16)])
     with pytest.raises(ValueError, match="aspp_stride"):
         DeepLabV3PlusHead([8, 8], [4, 16], num_classes=3, aspp_stride=32)
     with pytest.raises(ValueError, match="class_weights"):
@@ -213,7 +213,7 @@ def test_loss_decreases_on_fixed_batch(decoder: str) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     history = []
     for _ in range(20):
-        loss = sum(head.loss(model(images)["seg"], targets).values())
+        loss = sum(head.compute_loss(model(images)["seg"], targets).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -229,29 +229,29 @@ def test_postprocess_crops_padding_and_resizes() -> None:
     logits[0, 2] = 1.0
     logits[0, 2, :4, :6] = 0.0
     logits[1, 0] = 3.0                # image 1 all class 0
-    out = head.postprocess({"logits": logits}, [(16, 24), (32, 32)])
+    out = head.predict({"logits": logits}, [(16, 24), (32, 32)])
     assert out[0]["mask"].shape == (16, 24) and bool((out[0]["mask"] == 1).all())
     assert out[1]["mask"].shape == (32, 32) and bool((out[1]["mask"] == 0).all())
-    out = head.postprocess({"logits": logits}, [(16, 24), (32, 32)], output_sizes=[(40, 60), (7, 5)],
+    out = head.predict({"logits": logits}, [(16, 24), (32, 32)], output_sizes=[(40, 60), (7, 5)],
                            return_probs=True)
     assert out[0]["mask"].shape == (40, 60) and bool((out[0]["mask"] == 1).all())
     assert out[1]["mask"].shape == (7, 5) and out[1]["mask"].dtype == torch.int64
     assert out[0]["probs"].shape == (3, 40, 60)
     torch.testing.assert_close(out[0]["probs"].sum(0), torch.ones(40, 60))
-    assert "probs" not in head.postprocess({"logits": logits}, [(32, 32)] * 2)[0]
+    assert "probs" not in head.predict({"logits": logits}, [(32, 32)] * 2)[0]
     # full-resolution logits (a tensor, e.g. from sliding_window_logits) are cropped without upsampling
     full = torch.randn(1, 3, 20, 30)
-    mask = head.postprocess(full, [(15, 30)])[0]["mask"]
+    mask = head.predict(full, [(15, 30)])[0]["mask"]
     torch.testing.assert_close(mask, full[0, :, :15].argmax(0))
     with pytest.raises(ValueError, match="image sizes"):
-        head.postprocess({"logits": logits}, [(16, 24)])
+        head.predict({"logits": logits}, [(16, 24)])
 
 
 def test_postprocess_on_model_output_at_original_size() -> None:
     model = seg_model("convnext_atto", "semantic_fpn").eval()
     with torch.no_grad():
         raw = model(torch.randn(2, 3, 64, 64))["seg"]
-    out = model.heads["seg"].postprocess(raw, [(64, 48), (40, 64)], output_sizes=[(480, 360), (100, 160)])
+    out = model.heads["seg"].predict(raw, [(64, 48), (40, 64)], output_sizes=[(480, 360), (100, 160)])
     assert [tuple(o["mask"].shape) for o in out] == [(480, 360), (100, 160)]
     assert all(int(o["mask"].min()) >= 0 and int(o["mask"].max()) < K for o in out)
 

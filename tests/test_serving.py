@@ -60,14 +60,14 @@ def cls_spec(**extra) -> dict:
 
 def make_checkpoint(path: Path, *, ema: bool = False) -> Path:
     """A real (tiny) zoo task checkpoint, saved the way the brief's Lightning checkpoints hold it."""
-    from zoo.tasks.classification import ClassificationTask
+    from zoo.tasks.multitask import MultiTask
 
     torch.manual_seed(0)
     options = {"postprocess": {"score_thresh": 0.2}}
     if ema:
         options["ema"] = {"enabled": True, "decay": 0.9}
-    task = ClassificationTask(spec=cls_spec(), optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
-                              scheduler={"name": "none"}, options=options, data_info={"format": "classification"})
+    task = MultiTask(spec=cls_spec(), optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+                      scheduler={"name": "none"}, options=options, data_info={"format": "classification"})
     if ema:  # make the live weights differ from the EMA copy, as after training
         with torch.no_grad():
             for p in task.model.parameters():
@@ -383,7 +383,7 @@ def test_predictor_matches_evaluation_path_detection(head: str, tmp_path: Path) 
     batch, files = eval_batch(model, ann, images_dir)
     opts = {"score_thresh": 0.01, "max_detections": 20}
     with torch.inference_mode():
-        dets = model.heads["det"].postprocess(model(batch["images"])["det"], batch["image_sizes"], **opts)
+        dets = model.heads["det"].predict(model(batch["images"])["det"], batch["image_sizes"], **opts)
     results = Predictor(model, score_thresh=0.01, max_detections=20)(files)
     kind = DET_HEADS[head][1]
     for i, (res, det) in enumerate(zip(results, dets)):
@@ -418,7 +418,7 @@ def test_predictor_matches_evaluation_path_semantic(tmp_path: Path) -> None:
     ann, images_dir = make_tiny_coco(tmp_path, [(50, 80), (96, 40)])
     batch, files = eval_batch(model, ann, images_dir, "semantic")
     with torch.inference_mode():
-        preds = model.heads["seg"].postprocess(model(batch["images"])["seg"], batch["image_sizes"],
+        preds = model.heads["seg"].predict(model(batch["images"])["seg"], batch["image_sizes"],
                                                output_sizes=batch["orig_sizes"])
     results = Predictor(model)(files)
     for res, p, size in zip(results, preds, batch["orig_sizes"]):
@@ -585,7 +585,7 @@ def test_onnx_embedding_parity(tmp_path: Path) -> None:
     [r0, r1] = Predictor(model)([(torch.rand(3, 64, 64) * 255).to(torch.uint8) for _ in range(2)])
     assert isinstance(r0, Embedding) and abs(float(r0.vector.norm()) - 1) < 1e-4
     with torch.inference_mode():
-        ref = model.heads["emb"].postprocess(model(x)["emb"])
+        ref = model.heads["emb"].predict(model(x)["emb"])
     for b in (2, 3):
         xb = torch.cat([x, x[:1]])[:b]
         np.testing.assert_allclose(ort_run(path, xb)["emb"], torch.cat([ref, ref[:1]])[:b].numpy(), atol=1e-4, rtol=0)

@@ -41,7 +41,7 @@ def test_embedding_head_shapes_and_norm(pooling: str, hidden_dim: int | None, bn
     assert not torch.allclose(raw["features"].norm(dim=1), torch.ones(3))  # features are not normalised
     if not bnneck:
         torch.testing.assert_close(raw["embedding"], F.normalize(raw["features"], dim=1))
-    emb = head.postprocess(raw)
+    emb = head.predict(raw)
     torch.testing.assert_close(emb, raw["embedding"])
     raw["embedding"].sum().backward()
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)

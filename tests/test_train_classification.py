@@ -23,6 +23,23 @@ def _needs_coco(name: str) -> bool:
     return "override /data: coco" in text
 
 
+def identity_folders(root: Path) -> Path:
+    """A tiny ``<root>/<split>/<identity>/<images>`` tree (solid colours with noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, ids in (("train", "abcd"), ("val", "efg")):
+        for ident in ids:
+            colour = rng.integers(0, 255, 3)
+            d = root / split / ident
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(4):
+                Image.fromarray(np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)).save(
+                    d / f"{k}.png")
+    return root
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_fast_dev_run_of_every_experiment(name: str, tmp_path: Path) -> None:
     ov = [f"experiment={name}", "trainer.fast_dev_run=true", "data.batch_size=4", *FAST,
@@ -33,6 +50,8 @@ def test_fast_dev_run_of_every_experiment(name: str, tmp_path: Path) -> None:
         ov += [f"data.root={SHARED_DATA / 'coco128'}", "data.limit_train_images=8", "data.limit_val_images=8"]
     else:
         ov += SMALL_SHAPES
+    if "kind: identity_folder" in (CONF / "experiment" / f"{name}.yaml").read_text():
+        ov += [f"model.heads.1.data.root={identity_folders(tmp_path / 'ids')}", "model.heads.1.data.batch_size=4"]
     result = train(compose("train", ov, output_dir=tmp_path))
     assert Path(result["output_dir"]) == tmp_path
     assert (tmp_path / "config.yaml").is_file()

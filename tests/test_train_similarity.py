@@ -25,11 +25,11 @@ def sim_run(tmp_path_factory) -> dict:
 
 def _untrained_recall(run: dict, tmp_path: Path) -> float:
     """R@1 of the same architecture with fresh random weights, on the same held-out crops."""
-    from zoo.tasks.similarity import SimilarityTask
+    from zoo.tasks.multitask import MultiTask
 
     trained = load_task_from_checkpoint(run["best_ckpt"])
-    fresh = SimilarityTask(**{k: trained.hparams[k] for k in ("spec", "optimizer", "scheduler", "options", "data_info")},
-                           init_weights=False)
+    fresh = MultiTask(**{k: trained.hparams[k] for k in ("spec", "optimizer", "scheduler", "options", "data_info")},
+                     init_weights=False)
     ckpt = tmp_path / "untrained.ckpt"
     torch.save({"state_dict": fresh.state_dict(), "hyper_parameters": dict(fresh.hparams)}, ckpt)
     cfg = compose("evaluate", [f"ckpt_path={ckpt}", *DATA, "data.num_workers=0", "data.persistent_workers=false",

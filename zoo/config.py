@@ -77,14 +77,29 @@ class EMAConf:
 
 @dataclass
 class ModelConf:
+    """The model: one backbone (``backbone`` group), optional necks and any set of heads, trained together.
+
+    ``heads`` is ``{name: {type: <registered head>, **arguments, **training keys}}`` or a list of head types
+    (``[fcos, semantic_fpn]``, named by each head's default name). Training keys: ``weight`` (loss weight),
+    ``lr_mult``, ``data`` (this head's own data config, merged over ``data``), ``frozen_epochs``, and the head's own
+    (``loss``, ``m_per_class``, ... for the embedding head). Head arguments are checked against the head class: a
+    misspelled one stops the run naming it. ``head`` / ``decoder`` name the type of a single-head preset's head.
+    """
+
     task: str = "classification"
     input_size: List[int] = field(default_factory=lambda: [128, 128])
     resize: str = "stretch"
     size_divisor: int = 32
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
-    heads: Dict[str, Any] = field(default_factory=dict)
+    heads: Any = None
     necks: Dict[str, Any] = field(default_factory=dict)
+    #: how head losses combine: fixed (heads.<n>.weight), uncertainty (learned log-variances), pcgrad
+    balance: str = "fixed"
+    #: how batches of several data sources interleave: all (one of each per step), round_robin, proportional
+    mix: str = "all"
+    #: epochs the backbone stays frozen at the start (heads warm up first); 0 = never
+    freeze_backbone_epochs: int = 0
     multilabel: Optional[bool] = None
     label_smoothing: float = 0.0
     head: Optional[str] = None
@@ -153,6 +168,14 @@ class CheckpointConf:
     mode: Optional[str] = None
     save_last: bool = True
     save_top_k: int = 1
+    #: folder of best.ckpt / last.ckpt (default <run>/checkpoints); checked writable before training
+    dirpath: Optional[str] = None
+    #: last.ckpt is written at every epoch end, and also every this many optimizer steps (0: off) ...
+    last_every_n_steps: int = 0
+    #: ... and when this many minutes passed since it was last written (0: off)
+    last_every_minutes: float = 30.0
+    #: on SIGINT/SIGTERM: finish the step, save a resumable last.ckpt, print how to resume, exit 128+signal
+    handle_signals: bool = True
 
 
 @dataclass
@@ -171,6 +194,10 @@ class CallbacksConf:
     lr_monitor: bool = True
     progress_bar: str = "tqdm"
     visualize: int = 0
+    #: a NaN/inf training loss or gradients: stop (error naming the step and image ids), skip (that optimizer step), off
+    nonfinite: str = "stop"
+    #: with nonfinite=skip, stop anyway after this many skipped steps (0: never)
+    nonfinite_max_skips: int = 100
 
 
 @dataclass
@@ -222,9 +249,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_annotation": ("raise", "skip"),
     "model.task": ("classification", "detection", "semantic", "instance", "similarity", "multitask"),
     "model.resize": ("stretch", "longest", "letterbox"),
+    "model.balance": ("fixed", "uncertainty", "pcgrad"),
+    "model.mix": ("all", "round_robin", "proportional"),
     "optimizer.name": ("adamw", "adam", "sgd"),
     "scheduler.name": ("cosine", "constant", "step", "none"),
     "callbacks.progress_bar": ("tqdm", "rich", "none"),
+    "callbacks.nonfinite": ("skip", "stop", "off"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto", "tpu"),
     "iou_type": ("bbox", "segm"),
 }
@@ -292,4 +322,22 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvalConfig)
 
 
+def run_id(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    """A run folder name unique even for runs started in the same second: the time (``pattern``), microseconds and
+    the process id, e.g. ``2025-01-31_12-00-00_123456-4242``."""
+    import os
+    from datetime import datetime
+
+    now = datetime.now()
+    return f"{now.strftime(pattern)}_{now.microsecond:06d}-{os.getpid()}"
+
+
+def register_resolvers() -> None:
+    """Register ``${zoo.run_id:<strftime pattern>}`` (see :func:`run_id`), used by ``conf/hydra/default.yaml``.
+    Cached like Hydra's ``now``: one value per run, and the same for every job of a sweep."""
+    if not OmegaConf.has_resolver("zoo.run_id"):
+        OmegaConf.register_new_resolver("zoo.run_id", run_id, use_cache=True)
+
+
 register_configs()
+register_resolvers()

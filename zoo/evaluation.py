@@ -28,7 +28,7 @@ def load_task_from_checkpoint(path: str | Path):
     hp = ckpt.get("hyper_parameters")
     if not hp or "spec" not in hp:
         raise ValueError(f"{path} was not written by a zoo task (no model spec among its hyper-parameters)")
-    cls = task_class(ckpt.get("zoo_task") or hp.get("spec", {}).get("task", "classification"))
+    cls = task_class(hp.get("spec", {}).get("task", "multitask"))
     module = cls(**{k: v for k, v in hp.items() if k in ("spec", "optimizer", "scheduler", "options", "data_info")},
                  init_weights=False)
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
@@ -58,9 +58,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.postprocess:
         module.options.setdefault("postprocess", {}).update(to_container(cfg.postprocess))
     module.options["output_dir"] = str(out_dir)
-    module.options["visualize"] = int(cfg.visualize)
+    for ev in module.evaluators.values():
+        ev.options["postprocess"] = dict(module.options.get("postprocess") or {})
     datamodule = module.eval_datamodule(cfg.data)
-    trainer, _ = build_trainer(cfg_for_eval(cfg), out_dir, monitor=module.main_metric, mode=module.main_mode)
+    from zoo.callbacks import Visualize
+
+    trainer, _ = build_trainer(cfg_for_eval(cfg), out_dir, monitor=module.main_metric, mode=module.main_mode,
+                               callbacks_extra=[Visualize(int(cfg.visualize))])
     res = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
     extra = getattr(module, "last_eval_report", None) or {}

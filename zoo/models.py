@@ -7,7 +7,6 @@ torchvision, timm and numpy are imported here: this module is on the lean servin
 from __future__ import annotations
 
 import copy
-import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -15,43 +14,9 @@ import torch
 from torch import nn
 
 from zoo.backbones import TimmBackbone
+from zoo.heads.base import check_head_kwargs, head_class, neck_class
 
-__all__ = ["ModelSpec", "ZooModel", "create_model", "HEAD_TYPES", "NECK_TYPES", "resolve_type"]
-
-#: Short names for head classes usable in a spec's ``heads.<name>.type``.
-HEAD_TYPES: dict[str, str] = {
-    "classification": "zoo.heads.classification:ClassificationHead",
-    "embedding": "zoo.heads.embedding:EmbeddingHead",
-    "fcos": "zoo.heads.detection:FCOSHead",
-    "retinanet": "zoo.heads.detection:RetinaNetHead",
-    "faster_rcnn": "zoo.heads.detection:FasterRCNNHead",
-    "semantic_fpn": "zoo.heads.segmentation:SemanticFPNHead",
-    "upernet": "zoo.heads.segmentation:UPerNetHead",
-    "deeplabv3plus": "zoo.heads.segmentation:DeepLabV3PlusHead",
-    "mask_rcnn": "zoo.heads.instance:MaskRCNNHead",
-}
-#: Short names for necks usable in a spec's ``necks.<name>.type``.
-NECK_TYPES: dict[str, str] = {
-    "fpn": "zoo.backbones.fpn:FPN",
-}
-
-
-def resolve_type(name: str, table: Mapping[str, str]) -> type:
-    """Resolve a short name from ``table`` or a ``zoo.`` dotted path (``zoo.heads.x:Cls`` or ``zoo.heads.x.Cls``)
-    to a class. Only classes inside the ``zoo`` package are allowed: a spec read from a downloaded bundle can never
-    make us import arbitrary code."""
-    target = table.get(name, name)
-    if ":" in target:
-        mod_name, _, attr = target.partition(":")
-    else:
-        mod_name, _, attr = target.rpartition(".")
-    if not (mod_name == "zoo" or mod_name.startswith("zoo.")) or not attr:
-        raise ValueError(f"unknown type {name!r}: use one of {sorted(table)} or a class path inside the zoo package")
-    try:
-        module = importlib.import_module(mod_name)
-        return getattr(module, attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import {target!r} for type {name!r}: {err}") from err
+__all__ = ["ModelSpec", "ZooModel", "create_model"]
 
 
 @dataclass
@@ -61,8 +26,9 @@ class ModelSpec:
     Attributes:
         backbone: keyword arguments of :class:`TimmBackbone` (``name`` required). Weight-loading keys
             (``pretrained``, ``weights``) are dropped when rebuilding from a checkpoint.
-        heads: ``{head_name: {"type": <HEAD_TYPES key>, "input": "backbone" | <neck name>, **head kwargs}}``.
-        necks: ``{neck_name: {"type": <NECK_TYPES key>, **kwargs}}``; a neck reads the backbone levels.
+        heads: ``{head_name: {"type": <registered head type>, "input": "backbone" | <neck name>, **head kwargs}}``
+            (``zoo.heads.list_heads()``); only registered classes can be built, whatever a spec says.
+        necks: ``{neck_name: {"type": <registered neck type>, **kwargs}}``; a neck reads the backbone levels.
         class_names: ``{head_name: [names...]}`` for heads that predict classes.
         input_size: ``[height, width]`` the model was trained at.
         resize: how images are brought to the input size: ``"stretch"`` (resize to input_size), ``"longest"``
@@ -71,7 +37,8 @@ class ModelSpec:
         mean, std: normalisation on 0..1 RGB.
         size_divisor: padding multiple for ``"longest"``.
         task: the main task name (``classification``, ``detection``, ``semantic``, ``instance``, ``similarity``, ``multitask``).
-        extra: free-form JSON-able metadata (category ids, post-processing defaults, ...).
+        extra: free-form JSON-able metadata: ``category_ids`` (``{head_name: [ids]}``, or one list for every head
+            in specs of single-head models), ...
     """
 
     backbone: dict[str, Any]
@@ -104,8 +71,9 @@ class ModelSpec:
 class ZooModel(nn.Module):
     """Backbone -> optional necks -> named heads.
 
-    ``forward(images)`` returns ``{head_name: raw output}``; each head's ``loss`` and ``postprocess`` turn raw
-    outputs into losses and typed results.
+    ``forward(images)`` returns ``{head_name: raw output}`` from one backbone pass; each head's ``loss`` and
+    ``postprocess`` turn raw outputs into losses and typed results. Every head gets ``name``, ``class_names`` and
+    ``category_ids`` from the spec, so it can describe its own results.
     """
 
     def __init__(self, spec: ModelSpec, *, load_backbone_weights: bool = True) -> None:
@@ -120,7 +88,8 @@ class ZooModel(nn.Module):
         shapes = {"backbone": (list(self.backbone.channels), list(self.backbone.strides))}
         for name, cfg in spec.necks.items():
             cfg = dict(cfg)
-            cls = resolve_type(cfg.pop("type"), NECK_TYPES)
+            cls = neck_class(cfg.pop("type"))
+            check_head_kwargs(cls, cfg, f"necks.{name}")
             neck = cls(list(self.backbone.channels), list(self.backbone.strides), **cfg)
             self.necks[name] = neck
             shapes[name] = (list(neck.channels), list(neck.strides))
@@ -133,7 +102,13 @@ class ZooModel(nn.Module):
             if src not in shapes:
                 raise ValueError(f"head {name!r} reads input {src!r}, which is neither 'backbone' nor a neck {sorted(spec.necks)}")
             channels, strides = shapes[src]
-            self.heads[name] = resolve_type(typ, HEAD_TYPES)(channels, strides, **cfg)
+            cls = head_class(typ)
+            check_head_kwargs(cls, cfg, f"heads.{name}")
+            head = cls(channels, strides, **cfg)
+            head.name = name
+            head.class_names = list(spec.class_names.get(name) or [])
+            head.category_ids = _category_ids(spec, name)
+            self.heads[name] = head
             self.head_inputs[name] = src
 
     def features(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -152,6 +127,13 @@ class ZooModel(nn.Module):
         feats = self.features(images)
         names = heads if heads is not None else list(self.heads)
         return {n: self.heads[n](feats[self.head_inputs[n]]) for n in names}
+
+
+def _category_ids(spec: ModelSpec, head: str) -> list[int] | None:
+    ids = spec.extra.get("category_ids") if isinstance(spec.extra, Mapping) else None
+    if isinstance(ids, Mapping):
+        ids = ids.get(head)
+    return [int(i) for i in ids] if ids else None
 
 
 def create_model(spec: ModelSpec | Mapping[str, Any], *, load_backbone_weights: bool = True) -> ZooModel:

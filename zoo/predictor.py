@@ -15,34 +15,31 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from zoo.hub.api import head_kind, load, model_meta
+from zoo.hub.api import load, model_meta
 from zoo.models import ZooModel
-from zoo.preprocess import ResizeInfo, compute_resize, decode_rgb, normalize, pad_batch, resize_image
-from zoo.results import Classification, Detections, Embedding, InstanceSegmentation, Result, SemanticSegmentation
+from zoo.preprocess import (  # noqa: F401  (boxes/masks_to_original: re-exported for callers of zoo.predictor)
+    ResizeInfo, boxes_to_original, compute_resize, decode_rgb, masks_to_original, normalize, pad_batch, resize_image,
+)
+from zoo.results import Result, SemanticSegmentation
 
 __all__ = ["Predictor", "ImageInput", "to_rgb_array"]
 
 #: One image: a file path, encoded bytes, a PIL image, an ``(H, W, 3)`` uint8 RGB array or a ``(3, H, W)`` uint8 tensor.
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
 
-#: Post-processing options detection/instance heads accept (from the bundle's ``postprocess`` defaults).
-DETECTION_OPTIONS = ("score_thresh", "nms_thresh", "max_detections", "pre_nms_topk")
-#: Instance masks are binarised at this probability after resizing to the original size (as evaluation does).
-MASK_THRESHOLD = 0.5
 
 
 def to_rgb_array(image: ImageInput) -> np.ndarray:
     """Bring one image to an ``(H, W, 3)`` uint8 RGB array, as evaluation decodes files (PIL, ``convert("RGB")``,
-    no EXIF rotation).
+    EXIF Orientation applied, 16-bit grey scaled to 8 bits: :func:`zoo.preprocess.decode_rgb`).
 
     Args:
         image: a path (str / PathLike), encoded file bytes, a PIL image, an ``(H, W, 3)`` (or ``(H, W)`` / ``(H, W, 1)``
@@ -95,45 +92,6 @@ def _as_list(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
     return [images]
 
 
-def boxes_to_original(boxes: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
-    """Map xyxy boxes from resized-input pixels to original pixels and clip them to the original image.
-
-    Args:
-        boxes: ``(N, 4)`` xyxy in the resized image.
-        info: the image's resize record.
-
-    Returns:
-        ``(N, 4)`` float32 xyxy in the original image.
-    """
-    out = boxes.float() / boxes.new_tensor([info.scale_x, info.scale_y, info.scale_x, info.scale_y]).float()
-    h, w = info.orig_size
-    out[:, 0::2] = out[:, 0::2].clamp(0, w)
-    out[:, 1::2] = out[:, 1::2].clamp(0, h)
-    return out
-
-
-def masks_to_original(masks: torch.Tensor, info: ResizeInfo, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
-    """Mask probabilities at the resized size -> boolean masks at the original size.
-
-    Args:
-        masks: ``(M, 1, h', w')`` or ``(M, h', w')`` probabilities, ``h' >= h``, ``w' >= w`` (``info.size``).
-        info: the image's resize record.
-        threshold: probability at or above which a pixel belongs to the instance.
-
-    Returns:
-        ``(M, H, W)`` bool at ``info.orig_size``.
-    """
-    if masks.dim() == 3:
-        masks = masks[:, None]
-    h, w = info.size
-    m = masks[:, :, :h, :w].float()
-    if len(m):
-        m = F.interpolate(m, size=tuple(info.orig_size), mode="bilinear", align_corners=False)
-    else:
-        m = m.new_zeros((0, 1, *info.orig_size))
-    return m[:, 0] >= threshold
-
-
 class Predictor:
     """Run a zoo model on images and return typed results (:mod:`zoo.results`).
 
@@ -145,7 +103,9 @@ class Predictor:
         score_thresh, nms_thresh, max_detections: detection post-processing; ``None`` keeps the bundle's defaults
             (``model.json`` ``postprocess``, i.e. what evaluation used), then the head's own.
         top_k: class names returned per image by classification heads.
-        heads: run only these heads (default: all).
+        heads: run only these heads (default: all); all of them share one backbone pass.
+        head_options: further post-processing options per head name (``{"det": {"pre_nms_topk": 500}}``); each
+            head takes the options it declares (``Head.options``).
         seg_window: semantic heads only: predict at the image's *original* resolution from overlapping windows of
             this ``(h, w)`` (one int for a square; ``"input"`` for the model's ``input_size``) instead of one pass
             over the resized image; for large images where the model was trained on crops. Other heads are
@@ -153,14 +113,16 @@ class Predictor:
         seg_stride: step between windows (default: two thirds of the window, i.e. one third overlap).
 
     Calling the predictor with one image or a list returns a list with one entry per image: the head's result when
-    the model has one head, else ``{head_name: result}``.
+    the model has one head, else ``{head_name: result}``. Every head turns its raw output into typed results itself
+    (``Head.postprocess``), so the predictor serves any registered head.
     """
 
     def __init__(self, model: ZooModel | str | os.PathLike[str], *, device: str | torch.device | None = None,
                  batch_size: int = 8, score_thresh: float | None = None, nms_thresh: float | None = None,
                  max_detections: int | None = None, top_k: int = 5, heads: Sequence[str] | None = None,
                  seg_window: int | Sequence[int] | str | None = None,
-                 seg_stride: int | Sequence[int] | None = None) -> None:
+                 seg_stride: int | Sequence[int] | None = None,
+                 head_options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
             model = load(model, device=device or "cpu")
         if not isinstance(model, ZooModel):
@@ -184,15 +146,26 @@ class Predictor:
             if n not in model.heads:
                 raise KeyError(f"heads: the model has no head {n!r}; its heads are {list(model.heads)}")
         self.heads = names
-        self.kinds = {n: head_kind(model, n) for n in names}
-        cat = self.spec.extra.get("category_ids") if isinstance(self.spec.extra, dict) else None
-        self.category_ids: list[int] | None = [int(c) for c in cat] if cat else None
+        self.kinds = {n: model.heads[n].result_kind for n in names}
+        # Options per head: the bundle's post-processing defaults (what evaluation used), then the arguments.
         defaults = dict(self.meta.get("postprocess") or {})
-        self.detection_options: dict[str, Any] = {k: defaults[k] for k in DETECTION_OPTIONS if defaults.get(k) is not None}
-        for key, value in (("score_thresh", score_thresh), ("nms_thresh", nms_thresh),
-                           ("max_detections", max_detections)):
-            if value is not None:
-                self.detection_options[key] = value
+        given = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "max_detections": max_detections,
+                 "top_k": self.top_k}
+        extra = dict(head_options or {})
+        unknown = sorted(set(extra) - set(model.heads))
+        if unknown:
+            raise KeyError(f"head_options: the model has no head(s) {unknown}; its heads are {list(model.heads)}")
+        self.options: dict[str, dict[str, Any]] = {}
+        for n in names:
+            declared = tuple(model.heads[n].options)
+            opts = {k: v for k, v in defaults.items() if k in declared and v is not None}
+            opts.update({k: v for k, v in given.items() if k in declared and v is not None})
+            bad = sorted(set(extra.get(n, {})) - set(declared))
+            if bad:
+                raise KeyError(f"head_options[{n!r}]: {type(model.heads[n]).__name__} takes no option(s) {bad}; "
+                               f"it takes {list(declared)}")
+            opts.update(extra.get(n, {}))
+            self.options[n] = opts
         self.seg_window: tuple[int, int] | None = None
         self.seg_stride: tuple[int, int] | None = None
         if seg_window is not None:
@@ -278,46 +251,7 @@ class Predictor:
         return [{name: per_head[name][i] for name in self.heads} for i in range(len(arrays))]
 
     def _postprocess(self, name: str, raw: Any, infos: list[ResizeInfo]) -> list[Result]:
-        head = self.model.heads[name]
-        kind = self.kinds[name]
-        sizes = [tuple(info.size) for info in infos]
-        if kind == "classification":
-            names = self.class_names(name)
-            multilabel = bool(getattr(head, "multilabel", False))
-            results: list[Result] = []
-            for r in head.postprocess(raw, top_k=self.top_k):
-                ids = [int(i) for i in r["labels"].cpu().tolist()]
-                results.append(Classification(labels=[names[i] for i in ids], scores=r["top_scores"].float().cpu().tolist(),
-                                              label_ids=ids, probs=r["scores"].float().cpu(), class_names=names,
-                                              multilabel=multilabel))
-            return results
-        if kind in ("detection", "instance"):
-            names = self.class_names(name)
-            dets = head.postprocess(raw, sizes, **self.detection_options)
-            results = []
-            for det, info in zip(dets, infos):
-                labels = det["labels"].long().cpu()
-                ids = labels.tolist()
-                kwargs = dict(boxes=boxes_to_original(det["boxes"].float().cpu(), info),
-                              scores=det["scores"].float().cpu(), labels=labels,
-                              names=[names[i] if i < len(names) else str(i) for i in ids],
-                              category_ids=[self.category_ids[i] for i in ids] if self.category_ids else None,
-                              image_size=tuple(info.orig_size))
-                if kind == "instance":
-                    results.append(InstanceSegmentation(**kwargs, masks=masks_to_original(det["masks"].cpu(), info)))
-                else:
-                    results.append(Detections(**kwargs))
-            return results
-        if kind == "semantic":
-            names = self.class_names(name)
-            preds = head.postprocess(raw, sizes, output_sizes=[tuple(info.orig_size) for info in infos])
-            return [SemanticSegmentation(mask=p["mask"].long().cpu(), class_names=names) for p in preds]
-        if kind == "embedding":
-            emb = head.postprocess(raw) if hasattr(head, "postprocess") else F.normalize(raw.float(), dim=-1)
-            if isinstance(emb, (list, tuple)):
-                emb = torch.stack([e if isinstance(e, torch.Tensor) else e["embedding"] for e in emb])
-            return [Embedding(vector=v.float().cpu()) for v in emb]
-        raise ValueError(f"head {name!r}: no result type for kind {kind!r}")
+        return self.model.heads[name].postprocess(raw, infos, **self.options[name])
 
     def _sliding_semantic(self, name: str, arr: np.ndarray) -> SemanticSegmentation:
         """One image at its original resolution, from overlapping ``seg_window`` tiles (logits averaged)."""
@@ -333,7 +267,7 @@ class Predictor:
 
         full = sliding_window_logits(logits_fn, image, self.seg_window, self.seg_stride,
                                      num_classes=getattr(head, "num_classes", None))
-        [pred] = head.postprocess(full, [tuple(full.shape[-2:])])
+        [pred] = head.predict(full, [tuple(full.shape[-2:])])
         return SemanticSegmentation(mask=pred["mask"].long().cpu(), class_names=self.class_names(name))
 
     def __repr__(self) -> str:

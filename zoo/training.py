@@ -63,13 +63,13 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
 
     t = cfg.trainer
     c = cfg.callbacks
+    from zoo.checkpointing import ResumableCSVLogger, build_run_callbacks
+
     callbacks: list = []
-    ck = c.checkpoint
-    ckpt_cb = cb.ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="best",
-                                 monitor=ck.monitor or monitor, mode=ck.mode or mode, save_last=ck.save_last,
-                                 save_top_k=ck.save_top_k, auto_insert_metric_name=False,
-                                 enable_version_counter=False)
-    callbacks.append(ckpt_cb)
+    # best.ckpt + an atomic last.ckpt on its own schedule, interrupt saves, writable check at fit setup
+    # (zoo.checkpointing.ZooCheckpoint); mid-epoch resumable training data; the NaN/inf guard.
+    ckpt_cb, safety_cbs = build_run_callbacks(cfg, out_dir, monitor=monitor, mode=mode)
+    callbacks += [ckpt_cb, *safety_cbs]
     if c.early_stopping.enabled:
         es = c.early_stopping
         callbacks.append(cb.EarlyStopping(monitor=es.monitor or monitor, mode=es.mode or mode, patience=es.patience,
@@ -77,7 +77,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
     loggers = []
     for name in cfg.logger.names:
         if name == "csv":
-            loggers.append(pl_loggers.CSVLogger(str(out_dir), name="csv", version=""))
+            loggers.append(ResumableCSVLogger(str(out_dir), name="csv", version=""))  # continues on resume
         elif name == "tensorboard":
             loggers.append(pl_loggers.TensorBoardLogger(str(out_dir), name="tensorboard", version=""))
         else:
@@ -91,7 +91,9 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps, min_epochs=t.min_epochs,
-        check_val_every_n_epoch=t.check_val_every_n_epoch, gradient_clip_val=t.gradient_clip_val,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        # pcgrad steps by hand (manual optimisation) and clips there itself
+        gradient_clip_val=None if OmegaConf.select(cfg, "model.balance") == "pcgrad" else t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic, benchmark=t.benchmark, fast_dev_run=t.fast_dev_run,
         num_sanity_val_steps=t.num_sanity_val_steps, enable_progress_bar=enable_pb, sync_batchnorm=t.sync_batchnorm,
@@ -120,6 +122,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_lightning()
     out_dir = Path(cfg.paths.output_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    from zoo.checkpointing import prepare_run_folder  # run-folder lock; refuses another run's checkpoints
+
+    prepare_run_folder(cfg, out_dir)
     if cfg.paths.cache_dir:
         os.environ["ZOO_CACHE"] = str(Path(cfg.paths.cache_dir).expanduser())
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -131,8 +136,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule, kwargs = cls.build(cfg)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist: give <run>/checkpoints/last.ckpt to resume")
+    if cfg.ckpt_path:
+        from zoo.hub.bundle import read_lightning_checkpoint
+
+        # Same weights-only load Lightning does in fit(), but a refused pickle gets zoo's clear CheckpointLoadError
+        # (which never suggests weights_only=False) instead of torch's raw message from deep inside fit().
+        read_lightning_checkpoint(cfg.ckpt_path)
     module = cls(**kwargs, init_weights=not bool(cfg.ckpt_path))
-    trainer, ckpt_cb = build_trainer(cfg, out_dir, monitor=module.main_metric, mode=module.main_mode)
+    from zoo.callbacks import Visualize
+
+    trainer, ckpt_cb = build_trainer(cfg, out_dir, monitor=module.main_metric, mode=module.main_mode,
+                                     callbacks_extra=[Visualize(int(cfg.callbacks.visualize))])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True if cfg.ckpt_path else None)
     fit_s = time.perf_counter() - t0
 

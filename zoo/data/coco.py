@@ -18,6 +18,9 @@ import contextlib
 import io
 import json
 import logging
+import math
+import numbers
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from zoo.preprocess import ResizeInfo, compute_resize, decode_rgb, normalize, resize_boxes, resize_image, resize_mask
+from zoo.preprocess import (ResizeInfo, check_decodable, compute_resize, decode_rgb, normalize, resize_boxes,
+                            resize_image, resize_mask)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,26 @@ def load_rgb(path: str | Path) -> np.ndarray:
     except ValueError as err:
         raise BadAnnotationError(f"{err}; delete or replace the file, or remove its entry from the annotation "
                                  "json") from err
+
+
+def _is_xywh(bbox: Any) -> bool:
+    """A COCO box: a list of 4 finite numbers (strings, booleans, None, NaN are malformed)."""
+    return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in bbox))
+
+
+def _sorted_ids(ids) -> list:
+    ids = list(ids)
+    try:
+        return sorted(ids)
+    except TypeError:  # mixed id types
+        return sorted(ids, key=repr)
+
+
+def _few(ids: Sequence[Any], n: int = 5) -> str:
+    """``[1, 2, 3, 4, 5, ...]``: the first ``n`` ids, for messages."""
+    ids = list(ids)
+    return "[" + ", ".join(repr(i) for i in ids[:n]) + (", ..." if len(ids) > n else "") + "]"
 
 
 @dataclass
@@ -79,10 +103,22 @@ class CocoIndex:
         min_box_size: boxes whose width or height (after clipping to the image) is below this many pixels are
             dropped as degenerate (counted, never an error).
         check_files: verify every image file exists when the index is built.
+        verify_images: also decode every image file when the index is built (JPEGs at 1/8 scale, see
+            :func:`zoo.preprocess.check_decodable`); undecodable ones are bad entries like missing files (reason
+            ``"corrupt image files"``), so that with ``on_bad="skip"`` no DataLoader worker meets them later.
+
+    Entries that cannot be used are refused (``on_bad="raise"``) or dropped and counted per reason in
+    :attr:`skipped` (``on_bad="skip"``; the first few messages per reason are kept in :attr:`examples`): duplicate
+    image ids (every entry of the id), duplicate annotation ids (every annotation of the id), annotations whose
+    ``image_id`` is not in ``images``, unknown category ids, malformed / negative-size / outside boxes, images
+    without size, missing (and, with ``verify_images``, undecodable) image files.
     """
 
+    #: how many messages per reason :attr:`examples` keeps
+    MAX_EXAMPLES = 5
+
     def __init__(self, ann_file: str | Path, images_dir: str | Path, *, on_bad: str = "raise",
-                 min_box_size: float = 1.0, check_files: bool = True) -> None:
+                 min_box_size: float = 1.0, check_files: bool = True, verify_images: bool = False) -> None:
         from pycocotools.coco import COCO
 
         self.ann_file = Path(ann_file)
@@ -99,9 +135,16 @@ class CocoIndex:
                 self.coco = COCO(str(self.ann_file))
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as err:
             raise BadAnnotationError(f"{self.ann_file} is not a valid COCO instances json: {err!r}") from err
+        if "images" not in self.coco.dataset:
+            raise BadAnnotationError(
+                f"{self.ann_file} has no \"images\" key (it has {sorted(self.coco.dataset)[:10]}): a COCO instances "
+                "json needs an \"images\" list (id, file_name, width, height) beside \"annotations\" and "
+                "\"categories\"; check that this is the instances json of the split, not e.g. a captions, panoptic "
+                "or results file")
         self.on_bad = on_bad
         self.min_box_size = float(min_box_size)
         self.skipped: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
         cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
         if not cats:
             raise BadAnnotationError(f"{self.ann_file} has no categories")
@@ -109,44 +152,99 @@ class CocoIndex:
         self.class_names: list[str] = [str(c["name"]) for c in cats]
         self.cat_id_to_label = {cid: i for i, cid in enumerate(self.cat_ids)}
         self.label_to_cat_id = dict(enumerate(self.cat_ids))
+        dup_img_ids = self._check_ids()
         self.records: list[ImageRecord] = []
         for img_id in sorted(self.coco.getImgIds()):
-            rec = self._build_record(img_id, check_files)
+            if img_id in dup_img_ids:
+                continue
+            rec = self._build_record(img_id, check_files, verify_images)
             if rec is not None:
                 self.records.append(rec)
         if self.skipped:
             log.warning("%s: skipped %s (data.on_bad_annotation=skip)", self.ann_file.name,
                         ", ".join(f"{n} {k}" for k, n in sorted(self.skipped.items())))
+        if not any(len(r.boxes) for r in self.records):
+            n_raw = len(self.coco.dataset.get("annotations") or [])
+            log.warning("%s: no image has annotations (%s): training on it learns no objects and detection / "
+                        "segmentation evaluation scores mAP -1; check that this is the annotation file you meant",
+                        self.ann_file.name, "the json's annotations list is empty" if not n_raw else
+                        f"none of its {n_raw} annotations is usable, see the skip counts")
 
     @property
     def num_classes(self) -> int:
         return len(self.cat_ids)
 
-    def _bad(self, reason: str, message: str) -> None:
+    def _bad(self, reason: str, message: str, count: int = 1) -> None:
         if self.on_bad == "raise":
             raise BadAnnotationError(f"{self.ann_file}: {message}. Fix the annotation, or set "
                                      "data.on_bad_annotation=skip to drop such entries (they are counted and logged).")
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self.MAX_EXAMPLES:
+            ex.append(message)
 
-    def _build_record(self, img_id: int, check_files: bool) -> ImageRecord | None:
+    def _check_ids(self) -> set:
+        """Check the raw json lists (pycocotools' dicts keyed by id hide duplicates): duplicate image ids, duplicate
+        annotation ids, annotations of images not in ``images``. Returns the image ids to drop; the annotation ids
+        to drop are kept in ``self._drop_ann_ids``."""
+        raw_imgs = self.coco.dataset.get("images") or []
+        raw_anns = self.coco.dataset.get("annotations") or []
+        img_count = Counter(img["id"] for img in raw_imgs)
+        dup_imgs = _sorted_ids(i for i, n in img_count.items() if n > 1)
+        if dup_imgs:
+            n = sum(img_count[i] for i in dup_imgs)
+            self._bad("duplicate image ids", f"image ids {_few(dup_imgs)} appear more than once in images[] "
+                      f"({len(dup_imgs)} ids, {n} entries): their annotations cannot be told apart and would be "
+                      "attached to one of the files; give every image entry a unique id and point each "
+                      "annotation's image_id at the right one", count=n)
+        ann_count = Counter(ann["id"] for ann in raw_anns)
+        dup_anns = _sorted_ids(i for i, n in ann_count.items() if n > 1)
+        if dup_anns:
+            n = sum(ann_count[i] for i in dup_anns)
+            self._bad("duplicate annotation ids", f"annotation ids {_few(dup_anns)} appear more than once in "
+                      f"annotations[] ({len(dup_anns)} ids, {n} annotations): masks are looked up by id, so these "
+                      "would get another annotation's mask; renumber annotations[].id so every id is unique",
+                      count=n)
+        self._drop_ann_ids = set(dup_anns)
+        orphans = [a for a in raw_anns if a.get("image_id") not in img_count and a["id"] not in self._drop_ann_ids]
+        if orphans:
+            self._bad("annotations of unknown images", f"{len(orphans)} annotations (ids "
+                      f"{_few([a['id'] for a in orphans])}) have an image_id "
+                      f"({_few(_sorted_ids({a.get('image_id') for a in orphans}))}) that is not in images[]; add the "
+                      "missing image entries, or remove those annotations", count=len(orphans))
+        return set(dup_imgs)
+
+    def _build_record(self, img_id: int, check_files: bool, verify_images: bool = False) -> ImageRecord | None:
         info = self.coco.imgs[img_id]
         file = self.images_dir / info["file_name"]
         if check_files and not file.is_file():
             self._bad("missing image files", f"image id {img_id}: file {file} does not exist")
             return None
+        if verify_images:
+            try:
+                check_decodable(file, str(file))
+            except FileNotFoundError:
+                self._bad("missing image files", f"image id {img_id}: file {file} does not exist")
+                return None
+            except ValueError as err:
+                self._bad("corrupt image files", f"image id {img_id}: {err}; delete or replace the file, or remove "
+                          "its entry from images[]")
+                return None
         W, H = int(info.get("width", 0)), int(info.get("height", 0))
         if W <= 0 or H <= 0:
             self._bad("images without size", f"image id {img_id} ({info['file_name']}) has no valid width/height")
             return None
         boxes, labels, crowd, areas, ann_ids, extra = [], [], [], [], [], []
         for ann in self.coco.imgToAnns.get(img_id, []):
+            if ann["id"] in self._drop_ann_ids:
+                continue
             cid = ann.get("category_id")
             if cid not in self.cat_id_to_label:
                 self._bad("unknown category ids", f"annotation id {ann.get('id')} (image {img_id}) has category_id "
                           f"{cid}, which is not in the json's categories {self.cat_ids[:10]}...")
                 continue
             bbox = ann.get("bbox")
-            if bbox is None or len(bbox) != 4 or not all(np.isfinite(bbox)):
+            if not _is_xywh(bbox):
                 self._bad("malformed boxes", f"annotation id {ann.get('id')} (image {img_id}) has bbox {bbox!r}; "
                           "expected [x, y, width, height]")
                 continue
@@ -215,7 +313,10 @@ class CocoDataset(Dataset):
 
     Args:
         index: the validated COCO index.
-        target: one of :data:`TARGET_FORMATS`.
+        target: one of :data:`TARGET_FORMATS`, or several (a dataset feeding several heads): samples then carry
+            ``targets`` ``{format: target}`` built from the same augmented image, so every target stays aligned;
+            ``classification`` is then ``-100`` (ignored) for images without a non-crowd object instead of
+            dropping them, and ``detection`` is left out when ``instance`` (its superset) is asked for too.
         input_size, resize, mean, std: the model's preprocessing (see :class:`zoo.models.ModelSpec`).
         augment: optional albumentations ``Compose`` applied to the original-resolution image (and boxes / masks)
             before the deterministic resize; ``None`` at evaluation.
@@ -227,10 +328,16 @@ class CocoDataset(Dataset):
     def __init__(self, index: CocoIndex, target: str, *, input_size: Sequence[int], resize: str = "stretch",
                  mean: Sequence[float], std: Sequence[float], augment: Callable | None = None,
                  image_ids: Sequence[int] | None = None, train_sizes: Sequence[Any] | None = None) -> None:
-        if target not in TARGET_FORMATS:
-            raise ValueError(f"target format {target!r} unknown; use one of {TARGET_FORMATS}")
+        formats = (target,) if isinstance(target, str) else tuple(dict.fromkeys(target))
+        for f in formats:
+            if f not in TARGET_FORMATS:
+                raise ValueError(f"target format {f!r} unknown; use one of {TARGET_FORMATS}")
+        if "instance" in formats and "detection" in formats:
+            formats = tuple(f for f in formats if f != "detection")
         self.index = index
-        self.target = target
+        self.formats = formats
+        self.multi = not isinstance(target, str)
+        self.target = target if isinstance(target, str) else formats[0]
         self.input_size = tuple(int(s) for s in input_size)
         self.resize = resize
         self.mean, self.std = list(mean), list(std)
@@ -241,7 +348,7 @@ class CocoDataset(Dataset):
         if image_ids is not None:
             wanted = set(int(i) for i in image_ids)
             recs = [r for r in recs if r.image_id in wanted]
-        if target == "classification":
+        if target == "classification" and not self.multi:
             n0 = len(recs)
             recs = [r for r in recs if index.primary_label(r) is not None]
             if n0 - len(recs):
@@ -265,14 +372,15 @@ class CocoDataset(Dataset):
         img = load_rgb(rec.file)
         if img.shape[:2] != (rec.height, rec.width):
             raise BadAnnotationError(f"{rec.file} is {img.shape[1]}x{img.shape[0]} but the json says "
-                                     f"{rec.width}x{rec.height}: fix images[].width/height for image id {rec.image_id}")
-        fmt = self.target
+                                     f"{rec.width}x{rec.height}: fix images[].width/height for image id {rec.image_id} "
+                                     "(if the file carries an EXIF Orientation tag, its width/height are those of "
+                                     "the rotated image, as photo viewers show it)")
         boxes, labels, crowd = rec.boxes, rec.labels, rec.iscrowd
         masks = None
         sem = None
-        if fmt == "semantic":
+        if "semantic" in self.formats:
             sem = self.index.semantic_mask(rec)
-        elif fmt == "instance":
+        if "instance" in self.formats:
             masks = [self.index.ann_mask(a) for a in rec.ann_ids]
         if self.augment is not None:
             img, boxes, labels, crowd, masks, sem = self._augment(img, boxes, labels, crowd, masks, sem)
@@ -283,31 +391,39 @@ class CocoDataset(Dataset):
         image = normalize(resize_image(img, info), self.mean, self.std)
         sample: dict[str, Any] = {"image": image, "image_id": rec.image_id, "orig_size": (rec.height, rec.width),
                                   "size": info.size, "scale": (info.scale_y, info.scale_x)}
+        targets = {f: self._target(f, rec, boxes, labels, crowd, masks, sem, info) for f in self.formats}
+        if self.multi:
+            sample["targets"] = targets
+        else:
+            sample["target"] = targets[self.target]
+        return sample
+
+    def _target(self, fmt: str, rec: ImageRecord, boxes, labels, crowd, masks, sem, info: ResizeInfo) -> Any:
+        """One format's target for an (augmented) image resized by ``info``."""
         if fmt == "classification":
-            sample["target"] = torch.tensor(self.index.primary_label(rec), dtype=torch.long)
-        elif fmt == "multilabel":
+            label = self.index.primary_label(rec)  # of the annotation, as in evaluation
+            return torch.tensor(-100 if label is None else label, dtype=torch.long)
+        if fmt == "multilabel":
             t = torch.zeros(self.index.num_classes)
             t[torch.as_tensor(rec.labels, dtype=torch.long)] = 1.0
-            sample["target"] = t
-        elif fmt == "semantic":
-            sample["target"] = resize_mask(torch.from_numpy(np.ascontiguousarray(sem)).long(), info.size)
-        else:
-            tgt = {"boxes": resize_boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), info),
-                   "labels": torch.as_tensor(labels, dtype=torch.long),
-                   "iscrowd": torch.as_tensor(crowd, dtype=torch.bool)}
-            if fmt == "instance":
-                if masks:
-                    m = torch.from_numpy(np.stack(masks).astype(np.uint8))
-                    tgt["masks"] = resize_mask(m, info.size)
-                else:
-                    tgt["masks"] = torch.zeros((0, *info.size), dtype=torch.uint8)
-            sample["target"] = tgt
-        return sample
+            return t
+        if fmt == "semantic":
+            return resize_mask(torch.from_numpy(np.ascontiguousarray(sem)).long(), info.size)
+        tgt = {"boxes": resize_boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), info),
+               "labels": torch.as_tensor(labels, dtype=torch.long),
+               "iscrowd": torch.as_tensor(crowd, dtype=torch.bool)}
+        if fmt == "instance":
+            if masks:
+                m = torch.from_numpy(np.stack(masks).astype(np.uint8))
+                tgt["masks"] = resize_mask(m, info.size)
+            else:
+                tgt["masks"] = torch.zeros((0, *info.size), dtype=torch.uint8)
+        return tgt
 
     def _augment(self, img, boxes, labels, crowd, masks, sem):
         """Run the albumentations pipeline, keeping each box with its label, crowd flag and mask."""
         kwargs: dict[str, Any] = {"image": img}
-        has_boxes = self.target in ("detection", "instance")
+        has_boxes = "detection" in self.formats or "instance" in self.formats
         if has_boxes:
             kwargs["bboxes"] = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
             kwargs["box_index"] = np.arange(len(boxes))

@@ -18,13 +18,32 @@ __all__ = ["collate", "ZooDataModule", "build_datasets", "resolve_coco_split", "
 IGNORE_INDEX = 255
 
 
-def collate(samples: Sequence[dict[str, Any]], *, size_divisor: int = 32) -> dict[str, Any]:
-    """Batch samples of one task.
+def _stack_targets(values: Sequence[Any], padded_hw: tuple[int, int]) -> Any:
+    """Collate the targets of one format: semantic maps ``(h, w)`` into ``(B, H, W)`` padded with 255, other
+    tensors stacked (class indices ``(B,)``, multi-hot ``(B, K)``), dicts (detection / instance) kept as a list."""
+    t0 = values[0]
+    if isinstance(t0, torch.Tensor) and t0.dim() == 2:  # semantic maps
+        H, W = padded_hw
+        tgt = torch.full((len(values), H, W), IGNORE_INDEX, dtype=torch.long)
+        for i, m in enumerate(values):
+            tgt[i, : m.shape[0], : m.shape[1]] = m
+        return tgt
+    if isinstance(t0, torch.Tensor):
+        return torch.stack(list(values))
+    return list(values)
 
-    Returns: ``images`` ``(B, 3, H, W)`` padded bottom/right to a multiple of ``size_divisor``; ``targets``: a stacked
-    tensor (class indices ``(B,)``, multi-hot ``(B, K)``, semantic maps ``(B, H, W)`` padded with 255) or a list of
-    per-image dicts (detection/instance); ``image_sizes`` ``[(h, w)]`` valid size of each image inside the padding;
-    ``orig_sizes`` ``[(H, W)]``; ``scales`` ``[(sy, sx)]``; ``image_ids``.
+
+def collate(samples: Sequence[dict[str, Any]], *, size_divisor: int = 32,
+            target_format: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """Batch samples.
+
+    Returns: ``images`` ``(B, 3, H, W)`` padded bottom/right to a multiple of ``size_divisor``; ``targets``: for
+    samples with one ``target``, a stacked tensor (class indices ``(B,)``, multi-hot ``(B, K)``, semantic maps
+    ``(B, H, W)`` padded with 255) or a list of per-image dicts (detection/instance); for samples with ``targets``
+    ``{format: target}`` (a dataset feeding several heads), ``{format: collated}``. ``target_format``: the format
+    name(s) of the targets (each head picks its own, :meth:`zoo.heads.base.Head.batch_targets`); ``image_sizes``
+    ``[(h, w)]`` valid size of each image inside the padding; ``orig_sizes`` ``[(H, W)]``; ``scales``
+    ``[(sy, sx)]``; ``image_ids``.
     """
     images = pad_batch([s["image"] for s in samples], size_divisor=size_divisor)
     batch: dict[str, Any] = {
@@ -34,21 +53,17 @@ def collate(samples: Sequence[dict[str, Any]], *, size_divisor: int = 32) -> dic
         "scales": [tuple(s["scale"]) for s in samples],
         "image_ids": [s["image_id"] for s in samples],
     }
-    if "target" in samples[0]:
-        t0 = samples[0]["target"]
-        if isinstance(t0, torch.Tensor) and t0.dim() == 2:  # semantic maps
-            H, W = images.shape[-2:]
-            tgt = torch.full((len(samples), H, W), IGNORE_INDEX, dtype=torch.long)
-            for i, s in enumerate(samples):
-                m = s["target"]
-                tgt[i, : m.shape[0], : m.shape[1]] = m
-            batch["targets"] = tgt
-        elif isinstance(t0, torch.Tensor):
-            batch["targets"] = torch.stack([s["target"] for s in samples])
-        else:
-            batch["targets"] = [s["target"] for s in samples]
+    hw = tuple(images.shape[-2:])
+    if "targets" in samples[0]:
+        formats = tuple(samples[0]["targets"])
+        batch["targets"] = {f: _stack_targets([s["targets"][f] for s in samples], hw) for f in formats}
+        batch["target_format"] = formats
+    elif "target" in samples[0]:
+        batch["targets"] = _stack_targets([s["target"] for s in samples], hw)
+        if target_format is not None:
+            batch["target_format"] = target_format
     for key in samples[0]:
-        if key not in batch and key not in ("image", "target", "size", "orig_size", "scale", "image_id"):
+        if key not in batch and key not in ("image", "target", "targets", "size", "orig_size", "scale", "image_id"):
             vals = [s[key] for s in samples]
             batch[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
     return batch
@@ -57,11 +72,12 @@ def collate(samples: Sequence[dict[str, Any]], *, size_divisor: int = 32) -> dic
 class _Collate:
     """Picklable collate with a size divisor (workers need picklable callables)."""
 
-    def __init__(self, size_divisor: int) -> None:
+    def __init__(self, size_divisor: int, target_format: str | Sequence[str] | None = None) -> None:
         self.size_divisor = size_divisor
+        self.target_format = target_format
 
     def __call__(self, samples):
-        return collate(samples, size_divisor=self.size_divisor)
+        return collate(samples, size_divisor=self.size_divisor, target_format=self.target_format)
 
 
 def _lightning_base():
@@ -82,13 +98,14 @@ class ZooDataModule(_lightning_base()):
         size_divisor: padding multiple for batched images.
         train_batch_sampler: factory ``(dataset, batch_size) -> batch sampler`` (e.g. class-balanced); replaces shuffle.
         info: free metadata (class names, category ids, ...) the task reads.
+        target_format: the format name of the datasets' targets, put on every batch (``target_format``).
     """
 
     def __init__(self, train_set: Dataset | None, val_set: Dataset | None, *, batch_size: int = 32,
                  eval_batch_size: int | None = None, num_workers: int = 2, pin_memory: bool = True,
                  persistent_workers: bool = True, size_divisor: int = 32,
                  train_batch_sampler: Callable | None = None, drop_last: bool = True,
-                 info: Mapping[str, Any] | None = None) -> None:
+                 info: Mapping[str, Any] | None = None, target_format: str | Sequence[str] | None = None) -> None:
         super().__init__()
         self.train_set, self.val_set = train_set, val_set
         self.batch_size = int(batch_size)
@@ -96,7 +113,8 @@ class ZooDataModule(_lightning_base()):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.collate = _Collate(size_divisor)
+        self.collate = _Collate(size_divisor, target_format if isinstance(target_format, str) or target_format is None
+                                else tuple(target_format))
         self.train_batch_sampler = train_batch_sampler
         self.drop_last = drop_last
         self.info = dict(info or {})
@@ -314,6 +332,12 @@ def build_datasets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], *, 
     """Datasets for ``stages`` from a ``data`` config, for target format ``fmt`` with preprocessing ``pre``
     (``input_size``, ``resize``, ``mean``, ``std``)."""
     kind = cfg["kind"]
+    if not isinstance(fmt, str) and kind not in ("shapes", "coco"):
+        if len(fmt) != 1:
+            raise ValueError(f"data.kind={kind!r} serves one kind of target, but the heads it feeds need {list(fmt)}: "
+                             "use a COCO-style dataset (data=coco or shapes), or give some heads their own data "
+                             "(model.heads.<name>.data)")
+        fmt = fmt[0]
     if fmt == "similarity" and kind in ("shapes", "coco"):
         kind = "coco_crops"
     if kind not in DATASET_KINDS:
@@ -328,7 +352,8 @@ def datamodule_from_config(data_cfg: Any, fmt: str, pre: Mapping[str, Any], *, s
 
     Args:
         data_cfg: the ``data`` node (omegaconf or dict).
-        fmt: target format (see ``zoo.data.coco.TARGET_FORMATS``).
+        fmt: target format (see ``zoo.data.coco.TARGET_FORMATS``), or several for a COCO-style dataset that feeds
+            several heads (each sample then carries ``targets`` ``{format: target}``).
         pre: the model's preprocessing (``input_size``, ``resize``, ``mean``, ``std``).
         boxes: the pipeline must move boxes (detection / instance).
     """
@@ -336,6 +361,10 @@ def datamodule_from_config(data_cfg: Any, fmt: str, pre: Mapping[str, Any], *, s
     from zoo.data.transforms import build_augment
 
     cfg = to_container(data_cfg)
+    if not isinstance(fmt, str):
+        fmt = tuple(dict.fromkeys(fmt))
+        if len(fmt) == 1 or cfg["kind"] not in ("shapes", "coco"):
+            fmt = fmt[0] if len(fmt) == 1 else fmt
     augment = None
     if "train" in stages:
         augment = build_augment(cfg.get("augment"), boxes=boxes, min_visibility=float(cfg.get("min_visibility", 0.3)),
@@ -346,4 +375,5 @@ def datamodule_from_config(data_cfg: Any, fmt: str, pre: Mapping[str, Any], *, s
     return ZooDataModule(sets.get("train"), sets.get("val"), batch_size=cfg["batch_size"],
                          eval_batch_size=cfg.get("eval_batch_size"), num_workers=cfg["num_workers"],
                          pin_memory=cfg["pin_memory"], persistent_workers=cfg["persistent_workers"],
-                         size_divisor=size_divisor, train_batch_sampler=train_batch_sampler, info=info)
+                         size_divisor=size_divisor, train_batch_sampler=train_batch_sampler, info=info,
+                         target_format=fmt)

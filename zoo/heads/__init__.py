@@ -1,1 +1,11 @@
-"""Heads: each offers ``forward(features) -> raw``, ``loss(raw, targets) -> dict`` and ``postprocess(raw, ...)``."""
+"""Heads and necks, each registered at its definition (``@register_head`` / ``@register_neck``, see
+:mod:`zoo.heads.base` for the contract). Importing this package registers every built-in one; a new head is one file
+plus one import line below. Only torch / torchvision are imported: this package is on the lean serving path."""
+
+from zoo.heads.base import (
+    Head, Neck, head_class, list_heads, list_necks, neck_class, register_head, register_neck,
+)
+from zoo.heads import classification, embedding, necks  # noqa: F401  (registration)
+from zoo.heads import detection, instance, segmentation  # noqa: F401  (registration)
+
+__all__ = ["Head", "Neck", "register_head", "register_neck", "head_class", "neck_class", "list_heads", "list_necks"]

@@ -7,11 +7,14 @@ Only torch is imported here: this module is on the lean serving path.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from zoo.heads.base import Head, register_head
+from zoo.results import Embedding
 
 __all__ = ["EmbeddingHead", "GeM", "AttentionPool2d", "POOLINGS"]
 
@@ -72,7 +75,8 @@ class AttentionPool2d(nn.Module):
         return torch.einsum("bn,bcn->bc", weights.to(x.dtype), x.flatten(2))
 
 
-class EmbeddingHead(nn.Module):
+@register_head("embedding")
+class EmbeddingHead(Head):
     """Pool one feature level into an L2-normalised embedding.
 
     ``features[feature_level]`` -> pooling (GeM / average / attention) -> projection (one ``Linear``, or an MLP
@@ -92,7 +96,16 @@ class EmbeddingHead(nn.Module):
         feature_level: index of the level to pool (default: the last, coarsest one).
         gem_p: initial GeM exponent (learnable).
         dropout: dropout on the pooled vector before the projection.
+
+    Training options (head config keys that are not constructor arguments): ``loss`` (a
+    :data:`~zoo.losses.metric_learning.METRIC_LOSSES` name, default ``multi_similarity``), ``loss_kwargs`` (passed to
+    the pytorch-metric-learning loss) and ``m_per_class`` (crops per identity in a class-balanced batch).
     """
+
+    result_kind = "embedding"
+    target_format = "similarity"
+    default_name = "emb"
+    training_keys = ("loss", "loss_kwargs", "m_per_class")
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int] | None = None, *,
                  embedding_dim: int = 256, pooling: str = "gem", hidden_dim: int | None = None,
@@ -154,7 +167,77 @@ class EmbeddingHead(nn.Module):
         out = self.bnneck(feats) if self.bnneck is not None else feats
         return {"embedding": F.normalize(out.float(), dim=-1), "features": feats}
 
+    @classmethod
+    def bind_data(cls, kwargs: dict[str, Any], info: Mapping[str, Any]) -> list[str] | None:
+        """Identities are not classes of the served model (held-out identities differ by design): no class names."""
+        return None
+
+    @classmethod
+    def from_model_config(cls, kwargs: dict[str, Any], model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> None:
+        """``model.embedding_dim``, ``model.loss`` and ``model.extra.m_per_class`` / ``loss_kwargs`` of the
+        similarity preset, where the head's config does not set them."""
+        kwargs.setdefault("embedding_dim", int(model_cfg.get("embedding_dim") or 256))
+        extra = dict(model_cfg.get("extra") or {})
+        if model_cfg.get("loss"):
+            kwargs.setdefault("loss", model_cfg["loss"])
+        for key in ("m_per_class", "loss_kwargs"):
+            if key in extra:
+                kwargs.setdefault(key, extra[key])
+
+    def make_criterion(self, options: Mapping[str, Any]) -> nn.Module:
+        """The metric-learning loss (``options``: ``loss``, ``loss_kwargs``, ``num_train_identities``)."""
+        from zoo.losses import build_metric_loss
+
+        return build_metric_loss(options.get("loss") or "multi_similarity",
+                                 num_classes=int(options.get("num_train_identities") or 1),
+                                 embedding_dim=self.embedding_dim, **dict(options.get("loss_kwargs") or {}))
+
+    def batch_sampler(self, options: Mapping[str, Any], seed: int):
+        """Class-balanced ``P x M`` batches (pair and proxy losses need several crops of each identity)."""
+        return BalancedSamplerFactory(int(options.get("m_per_class") or 4), seed)
+
+    def loss(self, raw: dict[str, torch.Tensor], batch: Mapping[str, Any],
+             criterion: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """``{"loss_metric"}``: ``criterion(embedding, identity labels)``; ``{}`` without identity targets."""
+        targets = self.batch_targets(batch)
+        if targets is None:
+            return {}
+        if criterion is None:
+            raise ValueError("EmbeddingHead.loss needs the metric-learning criterion built by make_criterion()")
+        return {"loss_metric": criterion(raw["embedding"], targets)}
+
+    def compute_loss(self, raw: Any, targets: Any, image_sizes: Any = None) -> dict[str, torch.Tensor]:
+        raise TypeError("EmbeddingHead's loss needs its criterion: call loss(raw, batch, criterion)")
+
     @torch.no_grad()
-    def postprocess(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict(self, raw: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]] | None = None
+                ) -> torch.Tensor:
         """Args: raw, the output of :meth:`forward`. Returns: L2-normalised embeddings ``(B, D)`` float32."""
         return F.normalize(raw["embedding"].float(), dim=-1)
+
+    def postprocess(self, raw: dict[str, torch.Tensor], infos: Sequence[Any] | None = None) -> list[Embedding]:
+        """One :class:`~zoo.results.Embedding` per image."""
+        return [Embedding(vector=v.float().cpu()) for v in self.predict(raw)]
+
+    def export_outputs(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The L2-normalised embeddings ``(B, D)`` (one output named after the head)."""
+        return F.normalize(raw["embedding"].float(), dim=-1)
+
+
+class BalancedSamplerFactory:
+    """``(dataset, batch_size) -> ClassBalancedBatchSampler`` over the dataset's identity labels, sharded over
+    DDP ranks (picklable, so loaders with workers can carry it)."""
+
+    def __init__(self, m_per_class: int, seed: int) -> None:
+        self.m_per_class, self.seed = int(m_per_class), int(seed)
+
+    def __call__(self, ds, batch_size: int):
+        import torch.distributed as dist
+
+        from zoo.data.samplers import ClassBalancedBatchSampler
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        labels = ds.labels() if hasattr(ds, "labels") else ds.dataset.labels()[: len(ds)]
+        return ClassBalancedBatchSampler(labels, m_per_class=self.m_per_class, batch_size=batch_size, seed=self.seed,
+                                         num_replicas=world, rank=rank)

@@ -10,12 +10,16 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import maskrcnn_inference, maskrcnn_loss, paste_masks_in_image
 
 from zoo.heads.detection.common import PaddedTargets
+from zoo.heads.base import register_head
 from zoo.heads.detection.postprocess import resolve_thresholds
+from zoo.preprocess import masks_to_original
+from zoo.results import InstanceSegmentation
 from zoo.heads.detection.two_stage import FasterRCNNHead, make_roi_pool
 
 __all__ = ["MaskRCNNHead"]
 
 
+@register_head("mask_rcnn")
 class MaskRCNNHead(FasterRCNNHead):
     """Mask R-CNN head: :class:`~zoo.heads.detection.FasterRCNNHead` plus torchvision's mask branch
     (``mask_roi_pool`` = ``MultiScaleRoIAlign`` at 14 px, ``MaskRCNNHeads``, ``MaskRCNNPredictor`` at 28 px).
@@ -31,6 +35,10 @@ class MaskRCNNHead(FasterRCNNHead):
     padded batch size). ``postprocess`` adds ``masks`` ``(M, 1, h, w)`` float probabilities at each image's
     valid size ``(h, w)``.
     """
+
+    result_kind = "instance"
+    target_format = "instance"
+    accepts = ()
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], *, num_classes: int,
                  mask_layers: Sequence[int] = (256, 256, 256, 256), mask_dim: int = 256, mask_roi_size: int = 14,
@@ -73,7 +81,7 @@ class MaskRCNNHead(FasterRCNNHead):
         return {"loss_mask": maskrcnn_loss(logits.float(), pos_props, gt_masks, gt_labels, pos_matched)}
 
     @torch.no_grad()
-    def postprocess(self, raw: dict[str, Any], image_sizes: Sequence[tuple[int, int]], *,
+    def predict(self, raw: dict[str, Any], image_sizes: Sequence[tuple[int, int]], *,
                     score_thresh: float | None = None, nms_thresh: float | None = None,
                     max_detections: int | None = None, pre_nms_topk: int | None = None,
                     mask_thresh: float | None = None) -> list[dict[str, torch.Tensor]]:
@@ -94,3 +102,9 @@ class MaskRCNNHead(FasterRCNNHead):
             masks = paste_masks_in_image(p, r["boxes"], size) if len(r["boxes"]) else p.new_zeros((0, 1, *size))
             r["masks"] = (masks > mask_thresh).float() if mask_thresh is not None else masks
         return results
+
+    def postprocess(self, raw: dict[str, Any], infos: Sequence[Any], **options: Any) -> list[InstanceSegmentation]:
+        """One :class:`~zoo.results.InstanceSegmentation` per image: boxes and boolean masks in original pixels."""
+        dets = self.predict(raw, [tuple(info.size) for info in infos], **options)
+        return [InstanceSegmentation(**self._result_fields(d, info), masks=masks_to_original(d["masks"].cpu(), info))
+                for d, info in zip(dets, infos)]

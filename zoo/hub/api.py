@@ -20,12 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from zoo.hub.bundle import BundleError, read_bundle, read_bundle_meta, read_lightning_checkpoint
+from zoo.hub.bundle import (
+    META_FILE,
+    BundleError,
+    check_finite_weights,
+    check_spec_bounds,
+    read_bundle,
+    read_bundle_meta,
+    read_lightning_checkpoint,
+)
 from zoo.hub.registry import resolve
 from zoo.models import ModelSpec, ZooModel, create_model
 
 __all__ = [
-    "HEAD_KINDS",
     "checkpoint_parts",
     "head_kind",
     "load",
@@ -33,57 +40,17 @@ __all__ = [
     "serving_spec",
 ]
 
-#: Result kind of each head type short name (``ModelSpec.heads[*]["type"]``).
-HEAD_KINDS: dict[str, str] = {
-    "classification": "classification",
-    "embedding": "embedding",
-    "fcos": "detection",
-    "retinanet": "detection",
-    "faster_rcnn": "detection",
-    "mask_rcnn": "instance",
-    "semantic_fpn": "semantic",
-    "upernet": "semantic",
-    "deeplabv3plus": "semantic",
-}
-#: Result kind by the module that defines a head class (for heads given by class path).
-_KIND_BY_MODULE: tuple[tuple[str, str], ...] = (
-    ("zoo.heads.instance", "instance"),
-    ("zoo.heads.detection", "detection"),
-    ("zoo.heads.segmentation", "semantic"),
-    ("zoo.heads.embedding", "embedding"),
-    ("zoo.heads.classification", "classification"),
-)
 #: Prefixes of the model inside a task's ``state_dict``: the EMA copy first (the task validated with it).
 EMA_PREFIX = "ema.module."
 MODEL_PREFIX = "model."
 
 
 def head_kind(model: ZooModel, name: str) -> str:
-    """What kind of result head ``name`` produces.
-
-    Args:
-        model: the model.
-        name: a key of ``model.heads``.
-
-    Returns:
-        one of ``"classification"``, ``"detection"``, ``"instance"``, ``"semantic"``, ``"embedding"``.
-    """
+    """What kind of result head ``name`` produces: the head's own ``result_kind`` (``"classification"``,
+    ``"detection"``, ``"instance"``, ``"semantic"`` or ``"embedding"``)."""
     if name not in model.heads:
         raise KeyError(f"model has no head {name!r}; its heads are {list(model.heads)}")
-    head = model.heads[name]
-    kind = getattr(head, "result_kind", None)
-    if isinstance(kind, str):
-        return kind
-    typ = str(model.spec.heads.get(name, {}).get("type", ""))
-    if typ in HEAD_KINDS:
-        return HEAD_KINDS[typ]
-    mod = type(head).__module__
-    for prefix, k in _KIND_BY_MODULE:
-        if mod == prefix or mod.startswith(prefix + "."):
-            return k
-    raise ValueError(f"cannot tell what head {name!r} ({type(head).__module__}.{type(head).__name__}, type {typ!r}) "
-                     f"predicts: use a head type among {sorted(HEAD_KINDS)} or give the head class a "
-                     "`result_kind` attribute ('classification', 'detection', 'instance', 'semantic', 'embedding')")
+    return model.heads[name].result_kind
 
 
 def serving_spec(spec: ModelSpec | Mapping[str, Any]) -> dict[str, Any]:
@@ -130,7 +97,9 @@ def model_meta(spec: ModelSpec | Mapping[str, Any], options: Mapping[str, Any] |
         "postprocess": copy.deepcopy(dict((options or {}).get("postprocess") or {})),
     }
     cat = (s.get("extra") or {}).get("category_ids")
-    if cat is not None:
+    if isinstance(cat, Mapping):
+        meta["category_ids"] = {str(h): [int(c) for c in ids] for h, ids in cat.items() if ids is not None}
+    elif cat is not None:
         meta["category_ids"] = [int(c) for c in cat]
     return meta
 
@@ -183,24 +152,42 @@ def _is_checkpoint(ref: str) -> bool:
     return ref.endswith((".ckpt", ".pth", ".pt")) and Path(ref).expanduser().is_file()
 
 
-def load(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu", verify: bool = True) -> ZooModel:
+def load(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu", verify: bool = True,
+         max_input_side: int | None = None, limits: Mapping[str, int] | None = None,
+         allow_nonfinite: bool = False) -> ZooModel:
     """Load a model ready for inference (``eval()`` mode, on ``device``).
+
+    A bundle or checkpoint may come from an untrusted download, so its spec's sizes are bounded
+    (:func:`~zoo.hub.bundle.check_spec_bounds`; limits from :data:`~zoo.hub.bundle.DEFAULT_SPEC_LIMITS`, the
+    ``ZOO_MAX_INPUT_SIDE`` / ``ZOO_MAX_SIZE_DIVISOR`` / ``ZOO_MAX_HEADS`` / ``ZOO_MAX_HEAD_DIM`` environment
+    variables, then the keywords below) and weights holding NaN or inf are refused.
 
     Args:
         name_or_path: a registered ``arch.tag`` name (:func:`zoo.list_models`), a bundle folder or its
             ``model.json`` / ``model.safetensors``, an ``http(s)://`` / ``file://`` bundle URL, ``hf-hub:org/name``,
             or a Lightning ``.ckpt`` written by a zoo task (read with ``weights_only=True``; EMA weights preferred).
         device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``).
-        verify: check the weights' sha256 against ``model.json`` (always done for registered names by resolve()).
+        verify: check the weights' sha256 against ``model.json`` and ``model.json`` against the digest in the
+            weights' metadata (always done for registered names by resolve()).
+        max_input_side: largest allowed side of the spec's ``input_size`` (default 8192, or ``$ZOO_MAX_INPUT_SIDE``).
+        limits: other overrides, ``{"max_size_divisor": 1024, "max_heads": 64, "max_head_dim": 1_000_000}``
+            (and ``"max_input_side"``), any subset.
+        allow_nonfinite: load weights holding NaN/inf instead of raising :class:`~zoo.hub.bundle.BundleError`.
 
     Returns:
         The :class:`~zoo.models.ZooModel`, with ``model.bundle_meta`` (the ``model.json`` content, or for a
         checkpoint the same model description) and ``model.bundle_path``.
     """
     ref = os.fspath(name_or_path)
+    bounds = dict(limits or {})
+    if max_input_side is not None:
+        bounds["max_input_side"] = max_input_side
     if _is_checkpoint(ref):
         path = Path(ref).expanduser()
         spec, sd, hp, used_ema = checkpoint_parts(read_lightning_checkpoint(path), source=str(path))
+        check_spec_bounds(spec, path, bounds)
+        if not allow_nonfinite:
+            check_finite_weights(sd, path)
         meta = model_meta(spec, hp.get("options"))
         meta["source_checkpoint"] = {"file": path.name, "ema": used_ema}
         source = str(path)
@@ -215,6 +202,11 @@ def load(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "
         sd, meta = read_bundle(folder, map_location="cpu", verify=verify)
         if not isinstance(meta.get("spec"), Mapping):
             raise BundleError(f"{folder}/model.json has no model 'spec'; it was not written by zoo's export_checkpoint")
+        meta_path = folder / META_FILE
+        check_spec_bounds(meta["spec"], meta_path, bounds)
+        check_spec_bounds(meta, meta_path, bounds, where="model.json")  # its top-level input_size / size_divisor
+        if not allow_nonfinite:
+            check_finite_weights(sd, folder / meta["weights"]["file"])
         spec = meta["spec"]
         path = folder
         source = str(folder)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zoo.hub.api import checkpoint_parts, head_kind, load, model_meta
+from zoo.hub.api import checkpoint_parts, load, model_meta
 from zoo.hub.bundle import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, BundleError, read_lightning_checkpoint, save_bundle, sha256_file
 from zoo.models import ZooModel, create_model
 
@@ -42,8 +42,6 @@ __all__ = ["ExportError", "export_checkpoint", "export_onnx", "export_torchscrip
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
-#: Head types whose inference is data-dependent (proposal NMS, per-image RoI lists): not exportable to ONNX here.
-TWO_STAGE_TYPES = ("faster_rcnn", "mask_rcnn")
 
 
 class ExportError(ValueError):
@@ -240,24 +238,13 @@ class _ExportWrapper(nn.Module):
         raw = self.model(images, heads=self.heads)
         outs: list[torch.Tensor] = []
         for name in self.heads:
-            r = raw[name]
-            if self.kinds[name] == "embedding":
-                r = _embedding_tensor(self.model.heads[name], r)
+            r = self.model.heads[name].export_outputs(raw[name])
             keys = self.keys[name]
             if keys is None:
                 outs.append(r)
             else:
                 outs.extend(r[k] for k in keys)
         return tuple(outs)
-
-
-def _embedding_tensor(head: nn.Module, raw: Any) -> torch.Tensor:
-    out = head.postprocess(raw) if hasattr(head, "postprocess") else raw
-    if isinstance(out, Mapping):
-        out = out.get("embeddings", out.get("embedding"))
-    if not isinstance(out, torch.Tensor):
-        raise ExportError(f"{type(head).__name__}.postprocess must return a (B, D) tensor to be exported")
-    return out
 
 
 def _as_model(model_or_bundle: ZooModel | str | os.PathLike[str]) -> ZooModel:
@@ -284,16 +271,15 @@ def _plan(model: ZooModel, size: tuple[int, int], purpose: str, dynamic_size: bo
     """Wrapper, output descriptions (name, head, kind, shape with 'batch' where it follows the input batch) and an
     example input of batch 2."""
     heads = list(model.heads)
-    kinds = {n: head_kind(model, n) for n in heads}
+    kinds = {n: model.heads[n].result_kind for n in heads}
     for n in heads:
-        typ = str(model.spec.heads[n].get("type", ""))
-        if typ in TWO_STAGE_TYPES or "RCNN" in type(model.heads[n]).__name__:
+        if not model.heads[n].exportable:
             raise ExportError(
-                f"head {n!r} ({type(model.heads[n]).__name__}) is a two-stage Faster/Mask R-CNN head: its inference "
-                "selects proposals with data-dependent NMS and per-image RoI lists, which this exporter does not "
+                f"head {n!r} ({type(model.heads[n]).__name__}) is not exportable (a two-stage head): its inference selects proposals "
+                "with data-dependent NMS and per-image RoI lists, which this exporter does not "
                 f"support for {purpose}. Serve it with zoo.Predictor (PyTorch), or train a one-stage detector "
                 "(model.head=fcos or retinanet), whose raw outputs export.")
-        if dynamic_size and kinds[n] == "detection":
+        if dynamic_size and kinds[n] in ("detection", "instance"):
             raise ExportError(f"head {n!r} is a detector whose raw outputs include the anchor points of the traced input "
                               "size: export it with dynamic_size=False and feed images padded to that size")
     was_training = model.training
@@ -309,9 +295,7 @@ def _plan(model: ZooModel, size: tuple[int, int], purpose: str, dynamic_size: bo
         for n in heads:
             outs = []
             for raw in runs:
-                r = raw[n]
-                if kinds[n] == "embedding":
-                    r = _embedding_tensor(model.heads[n], r)
+                r = model.heads[n].export_outputs(raw[n])
                 if isinstance(r, torch.Tensor):
                     keys[n] = None
                     outs.append([list(r.shape)])

@@ -1,23 +1,17 @@
-"""LightningModules per task. ``TASKS`` maps ``model.task`` to the task class path (imported on demand)."""
+"""The training task. One LightningModule, :class:`zoo.tasks.multitask.MultiTask`, trains any set of heads; every
+``model.task`` name (``classification``, ``detection``, ``semantic``, ``instance``, ``similarity``, ``multitask``)
+is a preset of heads for it, so checkpoints of every preset rebuild through :func:`task_class`."""
 
 from __future__ import annotations
 
-import importlib
-
-TASKS: dict[str, str] = {
-    "classification": "zoo.tasks.classification:ClassificationTask",
-    "detection": "zoo.tasks.detection:DetectionTask",
-    "semantic": "zoo.tasks.semantic:SemanticTask",
-    "instance": "zoo.tasks.instance:InstanceTask",
-    "similarity": "zoo.tasks.similarity:SimilarityTask",
-    "multitask": "zoo.tasks.multitask:MultiTask",
-}
+#: ``model.task`` names (the presets in conf/model/); all are trained by the one task.
+TASK_NAMES = ("classification", "detection", "semantic", "instance", "similarity", "multitask")
 
 
-def task_class(name_or_path: str):
-    """The task class for a ``model.task`` name or a ``zoo.tasks...:Class`` path (only inside zoo)."""
-    target = TASKS.get(name_or_path, name_or_path)
-    mod, _, attr = target.partition(":")
-    if not mod.startswith("zoo.") or not attr:
-        raise ValueError(f"unknown task {name_or_path!r}; use one of {sorted(TASKS)}")
-    return getattr(importlib.import_module(mod), attr)
+def task_class(name: str = "multitask"):
+    """The task class for a ``model.task`` name (every preset is the one :class:`MultiTask`)."""
+    if name not in TASK_NAMES:
+        raise ValueError(f"unknown task {name!r}; use one of {list(TASK_NAMES)}")
+    from zoo.tasks.multitask import MultiTask
+
+    return MultiTask

@@ -29,26 +29,36 @@ def default_mean_std(backbone_name: str) -> tuple[list[float], list[float]]:
     return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], extra_params: list[nn.Parameter] | None = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], extra_params: list[nn.Parameter] | None = None, *,
+                    head_lr_mult: Mapping[str, float] | None = None,
+                    extra_groups: Mapping[str, list[nn.Parameter]] | None = None) -> torch.optim.Optimizer:
     """AdamW / Adam / SGD over ``model``'s trainable parameters.
 
     Norm and bias parameters get no weight decay when ``no_weight_decay_norm_bias``; backbone parameters are scaled
-    by ``backbone_lr_mult``. ``extra_params`` (e.g. loss proxies) join the head group.
+    by ``backbone_lr_mult``, each head's (``heads.<name>.*``) by ``head_lr_mult[name]``. ``extra_params`` (e.g. loss
+    proxies) join the plain group; ``extra_groups`` ``{head: params}`` join that head's group (no weight decay).
     """
     lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
     mult = float(cfg.get("backbone_lr_mult", 1.0))
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    head_mult = dict(head_lr_mult or {})
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = bool(cfg.get("no_weight_decay_norm_bias", True)) and (p.ndim <= 1 or name.endswith(".bias"))
-        is_bb = name.startswith("backbone.")
-        groups.setdefault((is_bb, no_decay), []).append(p)
+        if name.startswith("backbone."):
+            m = mult
+        elif name.startswith("heads."):
+            m = float(head_mult.get(name.split(".")[1], 1.0))
+        else:
+            m = 1.0
+        groups.setdefault((m, no_decay), []).append(p)
     for p in extra_params or []:
-        groups.setdefault((False, False), []).append(p)
-    param_groups = [{"params": ps, "lr": lr * (mult if bb else 1.0), "weight_decay": 0.0 if nd else wd}
-                    for (bb, nd), ps in groups.items() if ps]
+        groups.setdefault((1.0, False), []).append(p)
+    for head, ps in (extra_groups or {}).items():
+        groups.setdefault((float(head_mult.get(head, 1.0)), True), []).extend(ps)
+    param_groups = [{"params": ps, "lr": lr * m, "weight_decay": 0.0 if nd else wd}
+                    for (m, nd), ps in groups.items() if ps]
     name = cfg["name"]
     if name == "adamw":
         return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), weight_decay=wd)
@@ -86,8 +96,9 @@ def build_lr_lambda(cfg: Mapping[str, Any], total_steps: int, steps_per_epoch: i
 
 
 class ZooTask(pl.LightningModule):
-    """Base task. Subclasses set :attr:`main_metric`/:attr:`main_mode` and implement the steps and
-    :meth:`build` (data module + constructor kwargs from a validated config).
+    """The plumbing every task shares (the model from its spec, EMA, optimiser and schedule, channels_last,
+    compile). :class:`zoo.tasks.multitask.MultiTask` is the task; it sets :attr:`main_metric`/:attr:`main_mode` and
+    implements the steps and :meth:`build` (data module + constructor kwargs from a validated config).
 
     Args:
         spec: the model spec (dict form), stored in the checkpoint so a model rebuilds from it alone.
@@ -100,7 +111,6 @@ class ZooTask(pl.LightningModule):
 
     main_metric = "val/loss"
     main_mode = "min"
-    data_format = "classification"
 
     def __init__(self, spec: dict, optimizer: dict, scheduler: dict, options: dict | None = None,
                  data_info: dict | None = None, init_weights: bool = True) -> None:
@@ -160,7 +170,10 @@ class ZooTask(pl.LightningModule):
             self.ema.update(self.model, step=self.global_step)
 
     def configure_optimizers(self):
-        opt = build_optimizer(self.model, self.hparams.optimizer, self.extra_parameters())
+        return self._with_schedule(build_optimizer(self.model, self.hparams.optimizer, self.extra_parameters()))
+
+    def _with_schedule(self, opt: torch.optim.Optimizer):
+        """The optimiser with the configured per-step schedule, in Lightning's return format."""
         sched_cfg = self.hparams.scheduler
         if sched_cfg["name"] == "none":
             return opt
@@ -206,21 +219,3 @@ class ZooTask(pl.LightningModule):
     @staticmethod
     def preprocessing(spec: dict) -> dict:
         return {"input_size": spec["input_size"], "resize": spec["resize"], "mean": spec["mean"], "std": spec["std"]}
-
-    checks_class_names = True
-
-    def eval_datamodule(self, data_cfg: Any):
-        """A validation-only data module for this model: the model's own preprocessing and target format, and a
-        check that the dataset's classes are the model's."""
-        from zoo.data.datamodule import datamodule_from_config
-
-        spec = self.hparams.spec
-        fmt = (self.hparams.data_info or {}).get("format", self.data_format)
-        dm = datamodule_from_config(data_cfg, fmt, self.preprocessing(spec), size_divisor=spec["size_divisor"],
-                                    stages=("val",))
-        names = dm.info.get("class_names")
-        model_names = next(iter(spec.get("class_names", {}).values()), None)
-        if names is not None and model_names is not None and self.checks_class_names and list(names) != list(model_names):
-            raise ValueError(f"the dataset's classes ({len(names)}: {list(names)[:5]}...) are not the model's "
-                             f"({len(model_names)}: {list(model_names)[:5]}...): evaluate on data with the same categories")
-        return dm

@@ -13,7 +13,8 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from zoo.heads.detection.common import (
     PaddedTargets, check_levels, conv_tower, flatten_levels, grid_points, pad_targets, prior_bias,
 )
-from zoo.heads.detection.postprocess import DensePostprocess
+from zoo.heads.base import register_head
+from zoo.heads.detection.postprocess import DetectionHead
 
 __all__ = ["FCOSHead", "fcos_size_ranges", "assign_fcos_targets"]
 
@@ -72,7 +73,8 @@ def assign_fcos_targets(points: torch.Tensor, point_strides: torch.Tensor, point
     return matched, ignore, ltrb
 
 
-class FCOSHead(DensePostprocess, nn.Module):
+@register_head("fcos")
+class FCOSHead(DetectionHead):
     """FCOS head: shared GroupNorm towers over all levels, per-level learnable scale, centerness on the
     regression branch; sigmoid focal loss, GIoU box loss, centerness BCE.
 
@@ -153,7 +155,7 @@ class FCOSHead(DensePostprocess, nn.Module):
                                                     self.center_radius)
         return gt, matched, ignore, ltrb
 
-    def loss(self, raw: dict[str, torch.Tensor], targets: Sequence[dict[str, torch.Tensor]],
+    def compute_loss(self, raw: dict[str, torch.Tensor], targets: Sequence[dict[str, torch.Tensor]],
              image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
         """Args:
             raw: :meth:`forward` output. targets: per image ``boxes`` ``(N, 4)``, ``labels`` ``(N,)``, optional

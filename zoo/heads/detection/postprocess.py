@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from typing import Any, Mapping
+
 import torch
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
-__all__ = ["DensePostprocess", "postprocess_detections", "resolve_thresholds"]
+from zoo.heads.base import Head
+from zoo.preprocess import boxes_to_original
+from zoo.results import Detections
+
+__all__ = ["DetectionHead", "postprocess_detections", "resolve_thresholds", "DETECTION_OPTIONS"]
+
+#: Post-processing options every detection head takes (defaults from its constructor / the bundle's ``postprocess``).
+DETECTION_OPTIONS = ("score_thresh", "nms_thresh", "max_detections", "pre_nms_topk")
 
 
 def resolve_thresholds(defaults: dict[str, float | int], **overrides: float | int | None) -> dict[str, float | int]:
@@ -81,21 +90,52 @@ def postprocess_detections(
     return results
 
 
-class DensePostprocess:
-    """``postprocess`` for dense one-stage heads: ``self.decode(raw)`` gives per-image candidate boxes and per-class
-    scores, ``self.post`` the head's default thresholds; the shared :func:`postprocess_detections` does the rest."""
+class DetectionHead(Head):
+    """What every detection head shares: it reads the FPN neck, trains on ``detection`` (or ``instance``) targets,
+    and post-processes through :func:`postprocess_detections` into :class:`~zoo.results.Detections` in original
+    pixels. Dense one-stage heads implement ``decode(raw) -> (boxes, scores)``; two-stage heads override
+    :meth:`predict`. ``self.post`` holds the head's default thresholds."""
+
+    result_kind = "detection"
+    target_format = "detection"
+    accepts = ("instance",)
+    default_name = "det"
+    neck = "fpn"
+    options = DETECTION_OPTIONS
 
     post: dict[str, float | int]
+
+    @classmethod
+    def from_model_config(cls, kwargs: dict[str, Any], model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> None:
+        """``model.postprocess`` (score_thresh, nms_thresh, max_detections, pre_nms_topk) as the head's defaults."""
+        for key, value in dict(model_cfg.get("postprocess") or {}).items():
+            if key in DETECTION_OPTIONS and value is not None:
+                kwargs.setdefault(key, value)
 
     def decode(self, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def postprocess(self, raw: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]], *,
-                    score_thresh: float | None = None, nms_thresh: float | None = None,
-                    max_detections: int | None = None, pre_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
+    @torch.no_grad()
+    def predict(self, raw: dict[str, torch.Tensor], image_sizes: Sequence[tuple[int, int]], *,
+                score_thresh: float | None = None, nms_thresh: float | None = None,
+                max_detections: int | None = None, pre_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections per image (see :func:`postprocess_detections`): ``boxes`` ``(M, 4)`` xyxy input pixels clipped
         to ``image_sizes``, ``scores`` ``(M,)``, ``labels`` ``(M,)`` int64; ``None`` keeps the head's default."""
         opts = resolve_thresholds(self.post, score_thresh=score_thresh, nms_thresh=nms_thresh,
                                   max_detections=max_detections, pre_nms_topk=pre_nms_topk)
         boxes, scores = self.decode(raw)
         return postprocess_detections(boxes, scores, image_sizes, **opts)
+
+    def _result_fields(self, det: dict[str, torch.Tensor], info: Any) -> dict[str, Any]:
+        names = self.class_names or [str(i) for i in range(int(getattr(self, "num_classes", 0)))]
+        labels = det["labels"].long().cpu()
+        ids = labels.tolist()
+        cats = self.category_ids
+        return dict(boxes=boxes_to_original(det["boxes"].float().cpu(), info), scores=det["scores"].float().cpu(),
+                    labels=labels, names=[names[i] if i < len(names) else str(i) for i in ids],
+                    category_ids=[int(cats[i]) for i in ids] if cats else None, image_size=tuple(info.orig_size))
+
+    def postprocess(self, raw: dict[str, Any], infos: Sequence[Any], **options: Any) -> list[Detections]:
+        """One :class:`~zoo.results.Detections` per image: boxes in original pixels, class names, dataset ids."""
+        dets = self.predict(raw, [tuple(info.size) for info in infos], **options)
+        return [Detections(**self._result_fields(d, info)) for d, info in zip(dets, infos)]

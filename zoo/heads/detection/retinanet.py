@@ -14,14 +14,16 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from zoo.heads.detection.common import (
     IGNORE, cached_anchors, check_levels, conv_tower, flatten_levels, match_anchors, pad_targets, prior_bias,
 )
-from zoo.heads.detection.postprocess import DensePostprocess
+from zoo.heads.base import register_head
+from zoo.heads.detection.postprocess import DetectionHead
 
 __all__ = ["RetinaNetHead"]
 
 _BOX_LOSSES = ("giou", "smooth_l1", "l1")
 
 
-class RetinaNetHead(DensePostprocess, nn.Module):
+@register_head("retinanet")
+class RetinaNetHead(DetectionHead):
     """RetinaNet head: classification and box-delta towers shared across levels, ``len(scales) * len(ratios)``
     anchors per location, focal loss and a GIoU or (smooth) L1 box loss.
 
@@ -96,7 +98,7 @@ class RetinaNetHead(DensePostprocess, nn.Module):
         return {"cls_logits": flatten_levels(cls, self.num_classes), "deltas": flatten_levels(reg, 4),
                 "anchors": anchors}
 
-    def loss(self, raw: dict[str, torch.Tensor], targets: Sequence[dict[str, torch.Tensor]],
+    def compute_loss(self, raw: dict[str, torch.Tensor], targets: Sequence[dict[str, torch.Tensor]],
              image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
         """Args:
             raw: :meth:`forward` output. targets: per image ``boxes`` ``(N, 4)``, ``labels`` ``(N,)``, optional
@@ -128,6 +130,12 @@ class RetinaNetHead(DensePostprocess, nn.Module):
             else:
                 loss_box = F.smooth_l1_loss(deltas, tgt, beta=self.smooth_l1_beta, reduction="sum")
         return {"loss_cls": loss_cls, "loss_box": loss_box / num_pos}
+
+    def export_outputs(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``cls_logits``, ``deltas`` and the ``anchors`` of the traced size. The anchors come from a cache, not
+        from the input; ``+ 0 * deltas[0]`` ties them to the graph so tracing keeps them as an output."""
+        return {"cls_logits": raw["cls_logits"], "deltas": raw["deltas"],
+                "anchors": raw["anchors"].to(raw["deltas"].dtype) + 0 * raw["deltas"][0]}
 
     def decode(self, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns boxes ``(B, A, 4)`` xyxy input pixels and sigmoid scores ``(B, A, K)``."""

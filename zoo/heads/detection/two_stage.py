@@ -22,7 +22,8 @@ from torchvision.ops.poolers import initLevelMapper
 from zoo.heads.detection.common import (
     IGNORE, PaddedTargets, box_iou_iof, cached_anchors, check_levels, match_anchors, pad_targets,
 )
-from zoo.heads.detection.postprocess import postprocess_detections, resolve_thresholds
+from zoo.heads.base import register_head
+from zoo.heads.detection.postprocess import DetectionHead, postprocess_detections, resolve_thresholds
 
 __all__ = ["FasterRCNNHead", "make_roi_pool"]
 
@@ -59,7 +60,8 @@ def make_roi_pool(strides: Sequence[int], level_ids: Sequence[int], output_size:
     return pool
 
 
-class FasterRCNNHead(nn.Module):
+@register_head("faster_rcnn")
+class FasterRCNNHead(DetectionHead):
     """Two-stage detection head: torchvision ``RegionProposalNetwork`` (``RPNHead``, ``AnchorGenerator``) and
     ``RoIHeads`` (``MultiScaleRoIAlign``, ``TwoMLPHead``, ``FastRCNNPredictor``) on the zoo's feature levels.
 
@@ -81,6 +83,9 @@ class FasterRCNNHead(nn.Module):
         crowd_iof: anchors/proposals covered more than this by a crowd box are ignored instead of negative.
         score_thresh, nms_thresh, max_detections, pre_nms_topk: post-processing defaults (overridable per call).
     """
+
+    # Proposal selection (data-dependent NMS, per-image RoI lists) does not trace to a static ONNX graph.
+    exportable = False
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], *, num_classes: int,
                  anchor_size: float = 4.0, aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
@@ -208,7 +213,7 @@ class FasterRCNNHead(nn.Module):
         """Losses of extra RoI branches (the mask branch in :class:`~zoo.heads.instance.MaskRCNNHead`)."""
         return {}
 
-    def loss(self, raw: dict[str, Any], targets: Sequence[dict[str, torch.Tensor]],
+    def compute_loss(self, raw: dict[str, Any], targets: Sequence[dict[str, torch.Tensor]],
              image_sizes: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """Args:
             raw: :meth:`forward` output. targets: per image ``boxes`` ``(N, 4)`` xyxy input pixels, ``labels`` ``(N,)``
@@ -246,7 +251,7 @@ class FasterRCNNHead(nn.Module):
         return postprocess_detections(boxes, scores, sizes, **opts)
 
     @torch.no_grad()
-    def postprocess(self, raw: dict[str, Any], image_sizes: Sequence[tuple[int, int]], *,
+    def predict(self, raw: dict[str, Any], image_sizes: Sequence[tuple[int, int]], *,
                     score_thresh: float | None = None, nms_thresh: float | None = None,
                     max_detections: int | None = None, pre_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections per image (see :func:`~zoo.heads.detection.postprocess.postprocess_detections`): ``boxes``

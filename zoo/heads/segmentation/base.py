@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
+from zoo.heads.base import Head
 from zoo.losses.segmentation import check_mask_targets, dice_loss, masked_cross_entropy
+from zoo.results import SemanticSegmentation
 
 __all__ = ["SegmentationHead", "conv_norm_act", "make_norm", "select_levels", "resize_to"]
 
@@ -92,7 +94,7 @@ def select_levels(strides: Sequence[int], in_levels: Sequence[int] | None) -> li
     return idx
 
 
-class SegmentationHead(nn.Module):
+class SegmentationHead(Head):
     """Base class of the semantic segmentation decoders.
 
     Subclasses build their decoder in ``__init__`` (after calling this one) and implement :meth:`decode`, which maps
@@ -115,6 +117,10 @@ class SegmentationHead(nn.Module):
         dice_weight: weight of a multi-class soft dice term added to the cross-entropy (0 disables it).
         class_weights: optional per-class cross-entropy weights (K floats).
     """
+
+    result_kind = "semantic"
+    target_format = "semantic"
+    default_name = "seg"
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], *, num_classes: int, channels: int = 256,
                  dropout: float = 0.1, in_levels: Sequence[int] | None = None, norm: str | None = "gn",
@@ -221,8 +227,17 @@ class SegmentationHead(nn.Module):
                     tgt[i, :, int(w):] = self.ignore_index
         return tgt
 
-    def loss(self, raw: Mapping[str, torch.Tensor], targets: Any,
-             image_sizes: Sequence[Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+    @classmethod
+    def bind_data(cls, kwargs: dict[str, Any], info: Mapping[str, Any]) -> list[str] | None:
+        """Classes of the dataset, preceded by ``background`` when its masks have one (COCO-style data)."""
+        names = list(info["class_names"])
+        if info.get("has_background", True):
+            names = ["background", *names]
+        kwargs["num_classes"] = len(names)
+        return names
+
+    def compute_loss(self, raw: Mapping[str, torch.Tensor], targets: Any,
+                     image_sizes: Sequence[Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
         """Cross-entropy (+ dice, + auxiliary cross-entropy) at the target resolution.
 
         Args:
@@ -248,7 +263,8 @@ class SegmentationHead(nn.Module):
         return out
 
     # ------------------------------------------------------------------ post-processing
-    def postprocess(self, raw: Mapping[str, torch.Tensor] | torch.Tensor, image_sizes: Sequence[Sequence[int]], *,
+    @torch.no_grad()
+    def predict(self, raw: Mapping[str, torch.Tensor] | torch.Tensor, image_sizes: Sequence[Sequence[int]], *,
                     output_sizes: Sequence[Sequence[int]] | None = None, input_size: Sequence[int] | None = None,
                     return_probs: bool = False) -> list[dict[str, torch.Tensor]]:
         """Per-image class maps.
@@ -288,3 +304,11 @@ class SegmentationHead(nn.Module):
                 res["probs"] = x[0].softmax(0)
             results.append(res)
         return results
+
+    def postprocess(self, raw: Mapping[str, torch.Tensor] | torch.Tensor, infos: Sequence[Any], **options: Any
+                    ) -> list[SemanticSegmentation]:
+        """One :class:`~zoo.results.SemanticSegmentation` per image: the class map at the original size."""
+        preds = self.predict(raw, [tuple(i.size) for i in infos], output_sizes=[tuple(i.orig_size) for i in infos],
+                             **options)
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
+        return [SemanticSegmentation(mask=p["mask"].long().cpu(), class_names=list(names)) for p in preds]

@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
+from zoo.heads.base import register_head
 from zoo.heads.segmentation.base import SegmentationHead, conv_norm_act, resize_to
 
 __all__ = ["SemanticFPNHead", "UPerNetHead", "DeepLabV3PlusHead", "ASPP"]
 
 
+@register_head("semantic_fpn")
 class SemanticFPNHead(SegmentationHead):
     """Panoptic FPN's semantic branch (Kirillov et al., 2019).
 
@@ -64,6 +66,7 @@ class SemanticFPNHead(SegmentationHead):
         return out
 
 
+@register_head("upernet")
 class UPerNetHead(SegmentationHead):
     """UPerNet (Xiao et al., 2018): a pyramid pooling module on the coarsest level, an FPN over the others, and a
     fusion of all FPN levels upsampled to the finest stride.
@@ -124,6 +127,7 @@ class ASPP(nn.Module):
         return self.project(torch.cat(outs, dim=1))
 
 
+@register_head("deeplabv3plus")
 class DeepLabV3PlusHead(SegmentationHead):
     """DeepLabV3+ (Chen et al., 2018): ASPP on a coarse level, upsampled to the finest (stride-4) level and fused
     with a 1x1 projection of it by two 3x3 conv-norm-ReLU layers.

@@ -1,4 +1,6 @@
-"""Feature pyramid network neck: top-down FPN over chosen backbone levels plus stride-2 extra levels (P6, P7).
+"""Necks: modules between the backbone and the heads, registered like heads (``@register_neck``).
+
+Feature pyramid network neck: top-down FPN over chosen backbone levels plus stride-2 extra levels (P6, P7).
 
 Wraps :class:`torchvision.ops.FeaturePyramidNetwork`; works on any :class:`~zoo.backbones.TimmBackbone`, convnets and
 ViTs alike (the backbone already turns a plain ViT into a multi-stride pyramid).
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+
+from zoo.heads.base import Neck, register_neck
 
 __all__ = ["FPN", "default_in_levels", "norm_layer_factory"]
 
@@ -80,7 +84,8 @@ class _ExtraLevels(ExtraFPNBlock):
         return results, names
 
 
-class FPN(nn.Module):
+@register_neck("fpn")
+class FPN(Neck):
     """Feature pyramid network over some backbone levels, with optional extra stride-2 levels.
 
     Args:

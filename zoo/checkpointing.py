@@ -1,0 +1,787 @@
+"""Run safety for training: checkpoints that are always resumable, and a run folder that belongs to one run.
+
+* :func:`prepare_run_folder` locks the run folder (``<run>/.run.lock``, created with ``O_EXCL``, holding the pid; a
+  lock whose process is gone is taken over) and refuses a folder that already holds another run's checkpoints
+  unless the run resumes (``ckpt_path=...``).
+* :class:`ZooCheckpoint` (a ``ModelCheckpoint``) keeps ``best.ckpt`` and writes ``last.ckpt`` on its own schedule:
+  every epoch end, every ``last_every_n_steps`` optimizer steps and/or every ``last_every_minutes``, always through
+  a temporary file and ``os.replace`` (a kill never leaves a half-written checkpoint). It checks before training
+  that the checkpoint folder is writable, and on SIGINT / SIGTERM (Ctrl+C, cluster pre-emption) it finishes the
+  current step, writes a resumable ``last.ckpt``, says how to resume (``ckpt_path=...``) and exits with 128 + the
+  signal number.
+* :class:`ResumableTrainData` makes the training loader resume mid-epoch at the batch where the checkpoint was taken
+  (seeded per-epoch shuffling, already-seen batches skipped), so an interrupted-and-resumed run sees the same batches
+  as an uninterrupted one.
+* :class:`ResumableCSVLogger` continues ``metrics.csv`` when a run resumes in its own folder (rows are kept; the
+  header grows to the union of the columns).
+* :class:`NonFiniteGuard` catches a NaN/inf loss (or gradients) at the step, logs the batch's ``image_ids`` and either
+  skips that optimizer step or stops the run (``callbacks.nonfinite: skip | stop | off``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import json
+import logging
+import math
+import os
+import shlex
+import signal
+import socket
+import threading
+import time
+import warnings
+from pathlib import Path
+from collections import deque
+from typing import Any
+from weakref import proxy
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunFolderError", "NonFiniteLossError", "prepare_run_folder", "release_run_folder", "ensure_writable",
+           "resume_command", "ZooCheckpoint", "ResumableTrainData", "EpochShuffleSampler", "SkipBatchSampler",
+           "ResumableCSVLogger", "NonFiniteGuard", "LOCK_NAME"]
+
+LOCK_NAME = ".run.lock"
+
+
+class RunFolderError(RuntimeError):
+    """The run folder (or its checkpoint folder) cannot be used; the message names it and says what to do."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step produced a NaN/inf loss or gradients and ``callbacks.nonfinite=stop``."""
+
+
+# ---------------------------------------------------------------------------------------------------- run folder
+def _is_rank_zero_process() -> bool:
+    """False in the extra processes a multi-process launcher starts (they share rank 0's run folder)."""
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        val = os.environ.get(var)
+        if val not in (None, "", "0"):
+            return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class _RunLock:
+    """An exclusive lock file in a run folder, removed at release or at interpreter exit."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / LOCK_NAME
+        self.held = False
+
+    def _owner(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+        return True
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            if self._create():
+                self.held = True
+                return
+            owner = self._owner()
+            pid, host = owner.get("pid"), owner.get("host")
+            same_host = host in (None, socket.gethostname())
+            if not isinstance(pid, int) and owner:
+                pid = None
+            if same_host and pid == os.getpid():  # an earlier train() of this very process: take it back
+                self.held = True
+                return
+            if same_host and (pid is None or not _pid_alive(pid)):
+                # Stale (its process is gone): move it aside atomically so that only one taker wins, then retry.
+                stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+                try:
+                    os.replace(self.path, stale)
+                    stale.unlink()
+                    log.warning("run folder %s: took over the stale lock of process %s (no longer running)",
+                                self.folder, pid)
+                except FileNotFoundError:
+                    pass
+                continue
+            where = f"pid {pid} on {host}" if host else f"pid {pid}"
+            raise RunFolderError(
+                f"run folder {self.folder} is in use by another run ({where}; lock file {self.path}). Pick another "
+                f"hydra.run.dir (or paths.output_dir) for this run, or wait for that one to finish. If that run is "
+                f"gone (e.g. on another machine), delete {self.path}.")
+        raise RunFolderError(f"run folder {self.folder}: could not take the lock {self.path} (another run keeps "
+                             f"taking it); pick another hydra.run.dir (or paths.output_dir)")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        owner = self._owner()
+        if owner.get("pid") == os.getpid():
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+
+_HELD: dict[str, _RunLock] = {}
+
+
+@atexit.register
+def _release_all() -> None:
+    for lock in list(_HELD.values()):
+        lock.release()
+    _HELD.clear()
+
+
+def release_run_folder(folder: str | Path | None = None) -> None:
+    """Release the lock of ``folder`` (all locks this process holds when ``None``)."""
+    keys = list(_HELD) if folder is None else [str(Path(folder).resolve())]
+    for key in keys:
+        lock = _HELD.pop(key, None)
+        if lock is not None:
+            lock.release()
+
+
+def _checkpoint_dir(cfg: Any, out_dir: Path) -> Path:
+    from omegaconf import OmegaConf
+
+    dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=None)
+    return Path(dirpath).expanduser().resolve() if dirpath else out_dir / "checkpoints"
+
+
+def prepare_run_folder(cfg: Any, out_dir: str | Path) -> Path | None:
+    """Make ``out_dir`` this run's own: lock it and refuse it when it holds another run's checkpoints.
+
+    Call it before anything is written into the folder. A resumed run (``cfg.ckpt_path`` set) may reuse a folder
+    with checkpoints (a requeued job resumes in its own folder). The lock is released at exit, or when this process
+    prepares another run folder. Extra processes of a multi-process launch (``LOCAL_RANK`` etc. > 0) do nothing.
+
+    Returns:
+        The lock file's path (``None`` in the extra processes).
+
+    Raises:
+        RunFolderError: another live process holds the folder, or the folder holds checkpoints and the run does not
+            resume; the message names the folder and says to pick another ``hydra.run.dir`` or to resume.
+    """
+    if not _is_rank_zero_process():
+        return None
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    key = str(out)
+    for other in [k for k in _HELD if k != key]:  # one run at a time per process: the previous run is over
+        release_run_folder(other)
+    lock = _HELD.get(key) or _RunLock(out)
+    lock.acquire()
+    _HELD[key] = lock
+    resuming = bool(getattr(cfg, "ckpt_path", None)) if not isinstance(cfg, dict) else bool(cfg.get("ckpt_path"))
+    ckpt_dir = _checkpoint_dir(cfg, out)
+    if not resuming and ckpt_dir.is_dir():
+        found = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
+        if found:
+            release_run_folder(out)
+            last = ckpt_dir / "last.ckpt"
+            raise RunFolderError(
+                f"run folder {out} already holds the checkpoints of another run ({ckpt_dir}: {', '.join(found[:4])}"
+                f"{', ...' if len(found) > 4 else ''}). Pick another hydra.run.dir (or paths.output_dir) for a new "
+                f"run, or resume that run with ckpt_path={last if last.is_file() else ckpt_dir / found[0]}")
+    return lock.path
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create ``folder`` and write and remove a probe file in it.
+
+    Raises:
+        RunFolderError: naming the folder, when it cannot be created or written (a file in the way, no permission,
+            read-only or full file system).
+    """
+    path = Path(folder).expanduser()
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise RunFolderError(
+            f"checkpoint folder {path} is not writable ({reason}): no checkpoint could be saved, so the run stops "
+            f"before training. Make it writable, or pick another hydra.run.dir / paths.output_dir / "
+            f"callbacks.checkpoint.dirpath") from err
+    return path
+
+
+def resume_command(ckpt_path: str | Path, run_dir: str | Path | None = None) -> str:
+    """The command line that resumes this run from ``ckpt_path`` (in ``run_dir`` when given)."""
+    args: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            args = [a for a in HydraConfig.get().overrides.task
+                    if not a.lstrip("+~").startswith(("ckpt_path=", "hydra.run.dir="))]
+    except Exception:  # noqa: BLE001 - outside Hydra there are no overrides to repeat
+        args = []
+    parts = ["python", "train.py", *args]
+    if run_dir is not None:
+        parts.append(f"hydra.run.dir={run_dir}")
+    parts.append(f"ckpt_path={ckpt_path}")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def _is_local(path: str) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _skip_saving(trainer: Any) -> bool:
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+
+
+class ZooCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for ``best.ckpt`` plus an independent, atomic ``last.ckpt`` schedule and interrupt saves.
+
+    Args (besides ``ModelCheckpoint``'s):
+        last_every_n_steps: also write ``last.ckpt`` every this many optimizer steps (0: off).
+        last_every_minutes: also write ``last.ckpt`` when this many minutes passed since the last write (0: off).
+        handle_signals: on SIGINT/SIGTERM finish the step, write ``last.ckpt``, print the resume command and exit
+            with 128 + the signal number (a second signal stops at once).
+        run_dir: the run folder, used in the printed resume command (``hydra.run.dir=...``).
+
+    ``last.ckpt`` is written at every training epoch end whatever the monitored metric did (``save_last``), and
+    at the end of training. Every checkpoint is written to a temporary file and moved into place.
+    """
+
+    def __init__(self, *args: Any, last_every_n_steps: int = 0, last_every_minutes: float = 0.0,
+                 handle_signals: bool = True, run_dir: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if last_every_n_steps < 0 or last_every_minutes < 0:
+            raise ValueError("callbacks.checkpoint.last_every_n_steps and last_every_minutes must be >= 0 "
+                             f"(0: off), got {last_every_n_steps} and {last_every_minutes}")
+        self.last_every_n_steps = int(last_every_n_steps or 0)
+        self.last_every_seconds = float(last_every_minutes or 0.0) * 60.0
+        self.handle_signals = bool(handle_signals)
+        self.run_dir = str(run_dir) if run_dir is not None else None
+        self.interrupt_checkpoint: str | None = None
+        self._last_write_step = -1
+        self._last_write_time = time.monotonic()
+        self._wrote_last_since_batch = False
+        self._signum: int | None = None
+        self._force_quit = False
+        self._prev_handlers: dict[int, Any] = {}
+        self._trainer: Any = None
+
+    @property
+    def state_key(self) -> str:
+        # The key ModelCheckpoint would have: checkpoints of either class restore into the other.
+        key = super().state_key
+        name = type(self).__qualname__
+        return "ModelCheckpoint" + key[len(name):] if key.startswith(name) else key
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(str(self.dirpath), self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    # ------------------------------------------------------------------ writing
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        if not _is_local(filepath):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        tmp = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("zoo_checkpoint_replace")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict) -> None:
+        if not self.save_last:
+            return
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_write_step = trainer.global_step
+        self._last_write_time = time.monotonic()
+        self._wrote_last_since_batch = True
+
+    def write_last(self, trainer: Any, *, force: bool = False) -> str | None:
+        """Write ``last.ckpt`` now (also when ``save_last`` is off if ``force``); returns its path."""
+        if not self.save_last and not force:
+            return None
+        keep = self._last_global_step_saved  # a last.ckpt write must not block the best-checkpoint save of this step
+        if self.save_last:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            self.last_model_path = self.last_path
+            self._save_checkpoint(trainer, self.last_path)
+            self._last_write_step, self._last_write_time = trainer.global_step, time.monotonic()
+        self._last_global_step_saved = keep
+        return self.last_model_path or self.last_path
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # prepare_run_folder already refused another run's checkpoints; a resumed run's own are expected here
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+        if stage == "fit" and trainer.is_global_zero and _is_local(str(self.dirpath)):
+            ensure_writable(self.dirpath)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_write_time = time.monotonic()
+        self._install_signal_handlers(trainer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.save_last and not _skip_saving(trainer) and trainer.global_step != self._last_write_step:
+            step = trainer.global_step
+            due = self.last_every_n_steps > 0 and step > 0 and step % self.last_every_n_steps == 0
+            # With several processes the clock is rank 0's, broadcast (every 10th step, to keep collectives rare).
+            if not due and self.last_every_seconds > 0 and (trainer.world_size == 1 or step % 10 == 0):
+                late = time.monotonic() - self._last_write_time >= self.last_every_seconds
+                due = bool(trainer.strategy.broadcast(late) if trainer.world_size > 1 else late)
+            if due:
+                self.write_last(trainer)
+        self._wrote_last_since_batch = False
+        if self._signum is not None and not trainer.received_sigterm:
+            raise SIGTERMException()  # Lightning's flag could not be set: stop here, on_exception saves
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # last.ckpt at every epoch end, unless it was just written after this epoch's last batch (validation end).
+        if self.save_last and not _skip_saving(trainer) and not self._wrote_last_since_batch:
+            self.write_last(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and not _skip_saving(trainer) and trainer.global_step != self._last_write_step:
+            self.write_last(trainer)
+        self._restore_signal_handlers()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._restore_signal_handlers()
+        super().teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._restore_signal_handlers()
+        super().on_exception(trainer, pl_module, exception)
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or self._force_quit:
+            return
+        signum = self._signum or (signal.SIGTERM if isinstance(exception, SIGTERMException) else signal.SIGINT)
+        name = signal.Signals(signum).name
+        if trainer.global_step == 0 or _skip_saving(trainer):
+            log.warning("Interrupted by %s before the first training step: nothing to resume", name)
+        else:
+            try:
+                path = self.write_last(trainer, force=True)
+            except Exception as err:  # noqa: BLE001 - say so, and let the interrupt proceed
+                log.error("Interrupted by %s: could not save last.ckpt in %s: %s", name, self.dirpath, err)
+            else:
+                self.interrupt_checkpoint = path
+                if trainer.is_global_zero:
+                    log.warning("Interrupted by %s at epoch %d, global step %d: saved a resumable checkpoint to %s\n"
+                                "Resume with: %s", name, trainer.current_epoch, trainer.global_step, path,
+                                resume_command(path, self.run_dir))
+        if isinstance(exception, SystemExit):
+            exception.code = 128 + int(signum)
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self, trainer: Any) -> None:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread() or self._prev_handlers:
+            return
+        self._signum, self._force_quit = None, False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._prev_handlers[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._on_signal)
+            except (ValueError, OSError):  # not allowed here
+                self._prev_handlers.pop(sig, None)
+
+    def _restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in self._prev_handlers.items():
+            try:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
+        self._prev_handlers = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signum is not None:  # the second one: stop now, without saving
+            self._force_quit = True
+            self._restore_signal_handlers()
+            raise KeyboardInterrupt
+        self._signum = signum
+        prev = self._prev_handlers.get(signum)
+        if signum == signal.SIGTERM and callable(prev):
+            prev(signum, frame)  # Lightning's own SIGTERM handling (sets its flag, stops DDP workers)
+        connector = getattr(self._trainer, "_signal_connector", None)
+        if connector is not None and hasattr(connector, "received_sigterm"):
+            connector.received_sigterm = True  # Lightning stops at the end of this step, as on SIGTERM
+        log.warning("%s received: finishing this training step, saving last.ckpt, then stopping (send it again to "
+                    "stop at once, without saving)", signal.Signals(signum).name)
+
+
+# ---------------------------------------------------------------------------------------------------- data position
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of ``range(n)`` that depends only on ``(seed, epoch)``."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
+        yield from torch.randperm(self.n, generator=g).tolist()
+
+
+class SkipBatchSampler(Sampler[list[int]]):
+    """Wraps a batch sampler; its next pass skips the first :attr:`skip` batches (the ones a resumed run has seen).
+
+    Lightning's ``set_epoch`` reaches it through ``.sampler`` (it looks at ``batch_sampler.sampler``) and is passed
+    on to the wrapped batch sampler's own ``sampler``, as Lightning would have done.
+    """
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+        self.epoch = 0
+        self.skip = 0
+
+    @property
+    def sampler(self) -> "SkipBatchSampler":
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        inner = getattr(self.batches, "sampler", None)
+        if callable(getattr(inner, "set_epoch", None)):
+            inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self.batches):
+            if i >= skip:
+                yield batch
+
+
+_LOADER_KEYS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+                "generator", "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order")
+
+
+def _loader_kwargs(dl: DataLoader) -> dict[str, Any]:
+    import inspect
+
+    accepted = inspect.signature(DataLoader.__init__).parameters
+    kw = {k: getattr(dl, k) for k in _LOADER_KEYS if k in accepted and hasattr(dl, k)}
+    if not kw.get("num_workers"):
+        kw.pop("prefetch_factor", None)
+        kw["persistent_workers"] = False
+    return kw
+
+
+class ResumableTrainData(Callback):
+    """Resume the training data where the checkpoint was taken, batch for batch.
+
+    At ``fit`` setup it wraps the datamodule's ``train_dataloader``: shuffling becomes a permutation seeded by
+    ``(seed, epoch)`` and the batch sampler can skip batches. Its state in the checkpoint is the epoch and the number
+    of batches done in it; a resumed run skips exactly those and continues with the rest of that epoch. Loaders it
+    cannot reproduce (iterable datasets, sampling with replacement, several processes) are left as they are
+    (Lightning then runs the remaining number of batches of the epoch from a fresh pass).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+        self.sampler: SkipBatchSampler | None = None
+        self._pending: tuple[int, int] | None = None
+        self._trainer: Any = None
+        self._datamodule: Any = None
+
+    # ------------------------------------------------------------------ loader
+    def wrap(self, dl: Any, trainer: Any) -> Any:
+        if trainer is not None and trainer.world_size > 1:
+            return dl
+        if not isinstance(dl, DataLoader) or isinstance(dl.dataset, IterableDataset):
+            return dl
+        bs = dl.batch_sampler
+        if type(bs) is BatchSampler:
+            s = bs.sampler
+            if type(s) is RandomSampler:
+                if s.replacement or len(s) != len(s.data_source):
+                    return dl
+                s = EpochShuffleSampler(len(s.data_source), self.seed)
+            elif not isinstance(s, SequentialSampler) and not callable(getattr(s, "set_epoch", None)):
+                return dl  # an unknown random sampler: its order cannot be replayed
+            batches: Any = BatchSampler(s, bs.batch_size, bs.drop_last)
+        elif bs is not None and hasattr(bs, "__len__"):
+            batches = bs  # a custom batch sampler (e.g. class-balanced): deterministic for a given epoch
+        else:
+            return dl
+        self.sampler = SkipBatchSampler(batches)
+        if self._pending is not None:
+            self._apply(self.sampler, *self._pending)
+        return DataLoader(dl.dataset, batch_sampler=self.sampler, **_loader_kwargs(dl))
+
+    @staticmethod
+    def _apply(sampler: SkipBatchSampler, epoch: int, skip: int) -> None:
+        sampler.set_epoch(epoch)
+        sampler.skip = skip
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        dm = trainer.datamodule
+        if dm is None or "train_dataloader" in vars(dm):
+            return
+        original = dm.train_dataloader
+
+        def train_dataloader() -> Any:
+            return self.wrap(original(), trainer)
+
+        dm.train_dataloader = train_dataloader
+        self._datamodule = dm
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._pending = None  # the resumed pass exists now; later loaders start their epochs from the beginning
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._datamodule is not None and "train_dataloader" in vars(self._datamodule):
+            del self._datamodule.train_dataloader
+        self._datamodule = None
+
+    def state_dict(self) -> dict[str, Any]:
+        t = self._trainer
+        if t is None or self.sampler is None:
+            return {}
+        bp = t.fit_loop.epoch_loop.batch_progress.current
+        # Saved in on_train_batch_end the batch is processed but not yet completed; Lightning counts it as done.
+        on_batch_end = bp.ready == bp.started == bp.processed and bp.completed == bp.processed - 1
+        done = int(bp.processed if on_batch_end else bp.completed)
+        n = t.num_training_batches
+        finished = bool(isinstance(n, (int, float)) and not math.isinf(n) and done >= n)
+        return {"epoch": int(self.sampler.epoch), "batches_done": done, "epoch_finished": finished}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        epoch, done = int(state_dict["epoch"]), int(state_dict["batches_done"])
+        if state_dict.get("epoch_finished"):
+            epoch, done = epoch + 1, 0
+        self._pending = (epoch, done)
+        if self.sampler is not None:
+            self._apply(self.sampler, epoch, done)
+
+
+# ---------------------------------------------------------------------------------------------------- CSV log
+class _ContinuingWriter(ExperimentWriter):
+    """``metrics.csv`` writer that keeps an existing file: rows are appended under its header, and the file is
+    rewritten (atomically) with the union of the columns when new keys appear."""
+
+    def _check_log_dir_exists(self) -> None:  # the parent deletes an existing metrics.csv here
+        pass
+
+    def _header(self) -> list[str] | None:
+        if not os.path.isfile(self.metrics_file_path):
+            return None
+        with open(self.metrics_file_path, newline="") as f:
+            return next(csv.reader(f), None) or None
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        header = self._header()
+        keys = set().union(*self.metrics)
+        if header is None:
+            self.metrics_keys = sorted(keys)
+            with open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(self.metrics)
+        elif keys <= set(header):
+            self.metrics_keys = header
+            with open(self.metrics_file_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=header).writerows(self.metrics)
+        else:
+            self.metrics_keys = sorted(keys | set(header))
+            with open(self.metrics_file_path, newline="") as f:
+                old = list(csv.DictReader(f))
+            tmp = self.metrics_file_path + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(old)
+                writer.writerows(self.metrics)
+            os.replace(tmp, self.metrics_file_path)
+        self.metrics = []
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``metrics.csv`` continues across runs in the same folder (a resumed run adds its rows;
+    columns logged later are added to the header) instead of being deleted or failing on unknown columns."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is not None:
+            return self._experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+# ---------------------------------------------------------------------------------------------------- NaN / inf
+NONFINITE_ACTIONS = ("skip", "stop", "off")
+
+
+class NonFiniteGuard(Callback):
+    """Catch a non-finite training loss (or gradients) at the step, before the optimizer applies it.
+
+    Args:
+        action: ``"skip"``: log it with the batch's ``image_ids`` and drop that optimizer step (gradients set to
+            ``None``, so no parameter or optimizer state changes); ``"stop"``: raise :class:`NonFiniteLossError`
+            naming the step and the images; ``"off"``: do nothing.
+        max_skips: with ``skip``, stop anyway after this many skipped steps (0: never).
+
+    Gradients are checked too (a finite loss can still give inf gradients) unless a gradient scaler is in use
+    (16-bit mixed precision skips such steps itself).
+    """
+
+    def __init__(self, action: str = "stop", max_skips: int = 0) -> None:
+        if action not in NONFINITE_ACTIONS:
+            raise ValueError(f"callbacks.nonfinite={action!r}: use one of {', '.join(NONFINITE_ACTIONS)}")
+        self.action = action
+        self.max_skips = int(max_skips)
+        self.skipped = 0
+        self.skipped_image_ids: list[Any] = []
+        self._bad_loss: float | None = None
+        self._image_ids: deque | None = None
+        self._batch_idx = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # image ids of the batches whose gradients the next optimizer step applies (one unless accumulating)
+        n = max(1, int(trainer.accumulate_grad_batches or 1))
+        if self._image_ids is None or self._image_ids.maxlen != n:
+            self._image_ids = deque(maxlen=n)
+        ids = batch.get("image_ids") if isinstance(batch, dict) else None
+        self._image_ids.append(list(ids) if ids is not None else [])
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        if self.action == "off" or self._bad_loss is not None:
+            return
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._bad_loss = float(loss.detach().float().reshape(-1)[0])
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.action == "off":
+            return
+        bad_loss, self._bad_loss = self._bad_loss, None
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        what = None
+        if bad_loss is not None:
+            what = f"loss {bad_loss}"
+        elif params and getattr(trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad.detach() for p in params]
+            try:
+                norms = torch._foreach_norm(grads)
+            except (AttributeError, RuntimeError):
+                norms = [torch.linalg.vector_norm(g) for g in grads]
+            total = torch.stack([n.float().to(grads[0].device) for n in norms]).sum()
+            if not bool(torch.isfinite(total)):
+                what = "gradients"
+        bad = trainer.strategy.reduce_boolean_decision(what is not None, all=False)
+        ids = [i for b in (self._image_ids or []) for i in b]
+        if self._image_ids is not None:
+            self._image_ids.clear()
+        if not bad:
+            return
+        what = what or "gradients (on another process)"
+        where = (f"epoch {trainer.current_epoch}, global step {trainer.global_step}, batch {self._batch_idx}; "
+                 f"image_ids {ids}")
+        if self.action == "stop" or (self.max_skips and self.skipped >= self.max_skips):
+            more = (f" after {self.skipped} skipped steps (callbacks.nonfinite_max_skips={self.max_skips})"
+                    if self.action == "skip" else "")
+            raise NonFiniteLossError(
+                f"non-finite training {what} at {where}{more}. Check these images and the learning rate "
+                f"(optimizer.lr, trainer.gradient_clip_val), or set callbacks.nonfinite=skip to skip such steps.")
+        for p in params:
+            p.grad = None
+        self.skipped += 1
+        self.skipped_image_ids.extend(ids)
+        log.warning("non-finite training %s at %s: optimizer step skipped (%d so far)", what, where, self.skipped)
+
+
+def build_run_callbacks(cfg: Any, out_dir: Path, *, monitor: str, mode: str) -> tuple[ZooCheckpoint, list[Callback]]:
+    """The checkpoint callback and the run-safety callbacks for ``build_trainer`` (from ``cfg.callbacks``)."""
+    from omegaconf import OmegaConf
+
+    c = cfg.callbacks
+    ck = c.checkpoint
+    dirpath = Path(ck.dirpath).expanduser() if ck.get("dirpath") else out_dir / "checkpoints"
+    ckpt_cb = ZooCheckpoint(dirpath=str(dirpath), filename="best", monitor=ck.monitor or monitor,
+                            mode=ck.mode or mode, save_last=ck.save_last, save_top_k=ck.save_top_k,
+                            auto_insert_metric_name=False, enable_version_counter=False,
+                            last_every_n_steps=int(ck.get("last_every_n_steps") or 0),
+                            last_every_minutes=float(ck.get("last_every_minutes") or 0.0),
+                            handle_signals=bool(ck.get("handle_signals", True)), run_dir=out_dir)
+    extra: list[Callback] = [ResumableTrainData(seed=int(OmegaConf.select(cfg, "seed", default=0) or 0))]
+    action = str(c.get("nonfinite", "stop"))
+    if action != "off":
+        extra.append(NonFiniteGuard(action, max_skips=int(c.get("nonfinite_max_skips", 0) or 0)))
+    return ckpt_cb, extra
+

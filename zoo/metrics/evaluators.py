@@ -1,0 +1,292 @@
+"""One evaluator per result kind, used by validation and by ``evaluate.py`` alike (both run the training task's
+validation loop): classification (top-1/top-5, or mAP/F1 multi-label), COCO box / mask AP, semantic segmentation
+(confusion matrix: mIoU, pixel accuracy, per-class IoU) and retrieval (Recall@k, mAP@R).
+
+Each evaluator is fed per batch with the head, its raw output and the collated batch (:meth:`Evaluator.update`),
+and gives metric values without prefix plus a report for ``metrics.json`` (:meth:`Evaluator.compute`); the task
+logs them under ``val/`` (one head) or ``val/<head>/`` (several). Training-side only: torchmetrics and the COCO
+evaluator are imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from zoo.data.datamodule import IGNORE_INDEX
+from zoo.preprocess import ResizeInfo
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Evaluator", "ClassificationEvaluator", "CocoEvaluator", "SemanticEvaluator", "RetrievalEvaluator",
+    "evaluator_for", "iou_from_confusion", "batch_infos",
+]
+
+
+def batch_infos(batch: Mapping[str, Any]) -> list[ResizeInfo]:
+    """The resize record of every image of a collated batch (what the Predictor computes for a service)."""
+    return [ResizeInfo(tuple(o), tuple(s), sc[0], sc[1])
+            for o, s, sc in zip(batch["orig_sizes"], batch["image_sizes"], batch["scales"])]
+
+
+def iou_from_confusion(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class IoU, a mask of classes present (in targets or predictions) and pixel accuracy from a ``(K, K)``
+    confusion matrix (rows = target, columns = prediction)."""
+    cm = cm.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp(min=1), torch.zeros_like(tp))
+    acc = tp.sum() / cm.sum().clamp(min=1)
+    return iou.float(), present, acc.float()
+
+
+class Evaluator(nn.Module):
+    """Accumulates one head's validation predictions and turns them into metrics.
+
+    Attributes:
+        main_metric: the key (without prefix) checkpoint selection uses for this head; higher is better.
+        wants_loss: whether the task should log this head's validation loss (not for open-set retrieval, whose
+            held-out identities a proxy-based loss does not know).
+    """
+
+    main_metric: ClassVar[str] = ""
+    wants_loss: ClassVar[bool] = True
+
+    def __init__(self, head: nn.Module, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.options = dict(options or {})
+
+    def reset(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update(self, head: nn.Module, raw: Any, batch: Mapping[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute(self, module: Any) -> tuple[dict[str, float], dict[str, Any]]:  # pragma: no cover - abstract
+        """``(metrics, report)``; ``module`` is the LightningModule (for gathering across ranks)."""
+        raise NotImplementedError
+
+
+class ClassificationEvaluator(Evaluator):
+    """Single-label: ``top1``, ``top5`` (images without a label, ``-100``, are left out). Multi-label: ``mAP``
+    (mean over classes with at least one positive) and macro ``F1`` at 0.5."""
+
+    def __init__(self, head: nn.Module, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(head, options)
+        import torchmetrics
+        from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
+
+        k = int(head.num_classes)
+        self.multilabel = bool(head.multilabel)
+        if self.multilabel:
+            self.main = "mAP"
+            self.ap = MultilabelAveragePrecision(num_labels=k, average=None)
+            self.f1 = MultilabelF1Score(num_labels=k, average="macro", threshold=0.5)
+            self.register_buffer("positives", torch.zeros(k), persistent=False)
+        else:
+            self.main = "top1"
+            self.top1 = torchmetrics.Accuracy(task="multiclass", num_classes=k, top_k=1)
+            self.top5 = torchmetrics.Accuracy(task="multiclass", num_classes=k, top_k=min(5, k))
+
+    @property
+    def main_metric(self) -> str:  # type: ignore[override]
+        return self.main
+
+    def reset(self) -> None:
+        if self.multilabel:
+            self.ap.reset()
+            self.f1.reset()
+            self.positives.zero_()
+        else:
+            self.top1.reset()
+            self.top5.reset()
+
+    def update(self, head: nn.Module, raw: Any, batch: Mapping[str, Any]) -> None:
+        targets = head.batch_targets(batch)
+        if targets is None:
+            return
+        logits = raw.float()
+        if self.multilabel:
+            t = targets.long()
+            self.ap.update(logits.sigmoid(), t)
+            self.f1.update(logits.sigmoid(), t)
+            self.positives += t.sum(0).float()
+        else:
+            keep = targets >= 0
+            if keep.any():
+                self.top1.update(logits[keep], targets[keep])
+                self.top5.update(logits[keep], targets[keep])
+
+    def compute(self, module: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        if self.multilabel:
+            ap = self.ap.compute()
+            pos = self.positives
+            if module.trainer.world_size > 1:
+                pos = module.all_gather(pos).sum(0)
+            has = pos > 0
+            m_ap = float(ap[has].mean()) if has.any() else 0.0
+            return {"mAP": m_ap, "F1": float(self.f1.compute())}, {}
+        if self.top1.update_count == 0 and module.trainer.world_size == 1:
+            return {"top1": 0.0, "top5": 0.0}, {"num_images": 0}
+        return {"top1": float(self.top1.compute()), "top5": float(self.top5.compute())}, {}
+
+
+class CocoEvaluator(Evaluator):
+    """COCO AP through :func:`zoo.metrics.coco_eval.evaluate_coco` (faster-coco-eval, identical to pycocotools)
+    on the head's typed results (:meth:`~zoo.results.Detections.to_coco`: original pixels, original category ids),
+    written to ``detections[_<head>].json`` in the run folder. Keys: ``mAP``, ``mAP50``, ``mAP75``, ``mAP_s|m|l``,
+    ``mAR1|10|100``, ...; instance heads add the same with a ``segm_`` prefix and select on ``segm_mAP``."""
+
+    def __init__(self, head: nn.Module, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(head, options)
+        self.iou_types = ("bbox", "segm") if head.result_kind == "instance" else ("bbox",)
+        self.main = "segm_mAP" if head.result_kind == "instance" else "mAP"
+        self.ann_file: str | None = self.options.get("ann_file")
+        self.results: list[dict] = []
+        self.image_ids: list[int] = []
+
+    @property
+    def main_metric(self) -> str:  # type: ignore[override]
+        return self.main
+
+    def reset(self) -> None:
+        self.results, self.image_ids = [], []
+
+    def update(self, head: nn.Module, raw: Any, batch: Mapping[str, Any]) -> None:
+        opts = {k: v for k, v in dict(self.options.get("postprocess") or {}).items() if k in head.options}
+        for res, img_id in zip(head.postprocess(raw, batch_infos(batch), **opts), batch["image_ids"]):
+            self.image_ids.append(int(img_id))
+            for r in res.to_coco(int(img_id)):
+                r["bbox"] = [round(float(v), 2) for v in r["bbox"]]
+                r["score"] = round(float(r["score"]), 5)
+                self.results.append(r)
+
+    def compute(self, module: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        from zoo.metrics.coco_eval import evaluate_coco, results_to_json
+
+        results, ids = self.results, self.image_ids
+        trainer = module.trainer
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            buf: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(buf, (results, ids))
+            results = [r for part in buf for r in part[0]]
+            ids = sorted({i for part in buf for i in part[1]})
+        metrics: dict[str, float] = {}
+        report: dict[str, Any] = {}
+        if trainer.is_global_zero:
+            if not self.ann_file:
+                raise RuntimeError("no validation annotation file known: COCO evaluation needs the data module's "
+                                   "val_ann_file")
+            out = Path(self.options.get("output_dir") or trainer.default_root_dir)
+            path = out / str(self.options.get("results_file") or "detections.json")
+            results_to_json(results, path)
+            report = {"results_file": str(path), "num_images": len(ids)}
+            tables = []
+            for iou_type in self.iou_types:
+                res = evaluate_coco(self.ann_file, results, iou_type, image_ids=ids)
+                metrics.update(res.to_metrics(prefix="" if iou_type == "bbox" else "segm_"))
+                tables.append(f"COCO {iou_type} ({len(ids)} images)\n{res.table()}")
+                report[f"{iou_type}_per_class_ap"] = {k: (None if v != v else v) for k, v in res.per_class_ap.items()}
+            report["table"] = "\n\n".join(tables)
+        if trainer.world_size > 1:
+            metrics = trainer.strategy.broadcast(metrics, src=0)
+        return metrics, report
+
+
+class SemanticEvaluator(Evaluator):
+    """A confusion matrix over the validation pixels at the model's input resolution (padding excluded): ``mIoU``
+    (mean over classes present in the targets or predictions), ``pixel_acc``; per-class IoU in the report."""
+
+    main_metric = "mIoU"
+
+    def __init__(self, head: nn.Module, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(head, options)
+        from torchmetrics.classification import MulticlassConfusionMatrix
+
+        self.cm = MulticlassConfusionMatrix(num_classes=int(head.num_classes), ignore_index=IGNORE_INDEX)
+
+    def reset(self) -> None:
+        self.cm.reset()
+
+    def update(self, head: nn.Module, raw: Any, batch: Mapping[str, Any]) -> None:
+        targets = head.batch_targets(batch)
+        if targets is None:
+            return
+        for i, p in enumerate(head.predict(raw, batch["image_sizes"])):
+            h, w = batch["image_sizes"][i]
+            self.cm.update(p["mask"].reshape(-1), targets[i, :h, :w].reshape(-1).to(p["mask"].device))
+
+    def compute(self, module: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        iou, present, acc = iou_from_confusion(self.cm.compute())
+        miou = float(iou[present].mean()) if present.any() else 0.0
+        names = list(getattr(self, "_names", []) or [])
+        per_class = {names[i] if i < len(names) else str(i): (float(iou[i]) if present[i] else None)
+                     for i in range(len(iou))}
+        return {"mIoU": miou, "pixel_acc": float(acc)}, {"per_class_iou": per_class}
+
+
+class RetrievalEvaluator(Evaluator):
+    """Open-set retrieval over the validation crops (leave-one-out: each query among all other crops):
+    ``R@1``, ``R@5``, ``R@10``, ``mAP@R``."""
+
+    main_metric = "R@1"
+    wants_loss = False
+
+    def __init__(self, head: nn.Module, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(head, options)
+        self.emb: list[torch.Tensor] = []
+        self.lab: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        self.emb, self.lab = [], []
+
+    def update(self, head: nn.Module, raw: Any, batch: Mapping[str, Any]) -> None:
+        targets = head.batch_targets(batch)
+        if targets is None:
+            return
+        self.emb.append(head.predict(raw))
+        self.lab.append(targets)
+
+    def compute(self, module: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        from zoo.metrics.retrieval import retrieval_metrics
+
+        if not self.emb:
+            return {}, {}
+        emb, lab = torch.cat(self.emb), torch.cat(self.lab)
+        if module.trainer.world_size > 1:
+            emb = module.all_gather(emb).flatten(0, 1)
+            lab = module.all_gather(lab).flatten(0, 1)
+        metrics = {k: float(v) for k, v in retrieval_metrics(emb, lab).items()}
+        return metrics, {"num_queries": int(len(lab)), "num_identities": int(lab.unique().numel())}
+
+
+_BY_KIND = {
+    "classification": ClassificationEvaluator,
+    "detection": CocoEvaluator,
+    "instance": CocoEvaluator,
+    "semantic": SemanticEvaluator,
+    "embedding": RetrievalEvaluator,
+}
+
+
+def evaluator_for(head: nn.Module, options: Mapping[str, Any] | None = None) -> Evaluator:
+    """The evaluator of ``head``'s result kind."""
+    kind = head.result_kind
+    if kind not in _BY_KIND:
+        raise ValueError(f"no evaluator for result kind {kind!r} (head {type(head).__name__})")
+    ev = _BY_KIND[kind](head, options)
+    ev._names = list(getattr(head, "class_names", []) or [])
+    return ev
+
+
+def finite(v: float) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(float(v))
