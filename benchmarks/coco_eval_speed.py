@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # for zoo and tests.coco_fakes (the fake detections live with the tests)
 
-from zoo.metrics.coco_eval import STAT_NAMES, evaluate_coco, fake_results  # noqa: E402
+from tests.coco_fakes import fake_results  # noqa: E402
+from zoo.metrics.coco_eval import STAT_NAMES, evaluate_coco  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "coco128"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.coco_fakes import fake_results
 from zoo.metrics.coco_eval import (
     STAT_NAMES,
     CocoEvalResult,
     evaluate_coco,
-    fake_results,
     json_safe_results,
     load_coco_gt,
     resolve_backend,
@@ -229,6 +229,19 @@ def test_custom_max_dets_and_table() -> None:
     assert "maxDets=  5 ]" in lines[1] and "maxDets=  2 ]" in lines[8]
     assert "person" in table and "train" in table
     assert set(a.to_metrics()) >= {"val/mAP", "val/mAP50", "val/mAR100"}
+
+
+@pytest.mark.parametrize("max_dets", [(1, 100, 300), (2, 3, 4)])
+def test_custom_max_dets_ap_at_last_limit_and_quiet(max_dets: tuple, capsys: pytest.CaptureFixture) -> None:
+    """pycocotools' summarize() reads AP at a hard-coded 100: AP must still be taken at max_dets[2] (as
+    faster-coco-eval does), and neither library may print."""
+    gt = tiny_gt()
+    dets = fake_results(gt, "bbox", seed=4, false_positives=6)
+    a = evaluate_coco(gt, dets, "bbox", backend="pycocotools", max_dets=max_dets)
+    b = evaluate_coco(gt, dets, "bbox", backend="faster", max_dets=max_dets)
+    assert capsys.readouterr().out == ""
+    _assert_stats_close(a, b)
+    assert a.stats["AP"] > 0.0
 
 
 def test_coco_object_of_other_backend_is_accepted() -> None:

@@ -18,21 +18,20 @@ from zoo.heads.necks import FPN
 from zoo.heads.detection import FCOSHead, FasterRCNNHead, RetinaNetHead, postprocess_detections
 from zoo.heads.detection.common import BACKGROUND, IGNORE, match_anchors, pad_targets
 from zoo.heads.instance import MaskRCNNHead
+from zoo.heads import head_class, list_heads
 from zoo.models import create_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 NUM_CLASSES = 3
 BACKBONES = {"resnet": "resnet10t", "convnext": "convnext_atto", "vit": "test_vit"}
-# small second stages keep the two-stage heads fast on CPU
-HEAD_KWARGS = {
-    "fcos": {},
-    "retinanet": {},
-    "faster_rcnn": {"representation_size": 64, "box_batch_size": 64, "rpn_pre_nms_topk": (300, 200),
-                    "rpn_post_nms_topk": (100, 50)},
-    "mask_rcnn": {"representation_size": 64, "box_batch_size": 64, "rpn_pre_nms_topk": (300, 200),
-                  "rpn_post_nms_topk": (100, 50), "mask_layers": [32], "mask_dim": 32},
-}
+#: Every registered detection / instance head (a new one is picked up here by itself); small second stages keep
+#: the two-stage heads fast on CPU.
+TWO_STAGE_LIGHT = {"representation_size": 64, "box_batch_size": 64, "rpn_pre_nms_topk": (300, 200),
+                   "rpn_post_nms_topk": (100, 50)}
+HEAD_KWARGS = {h: ({**TWO_STAGE_LIGHT, **({"mask_layers": [32], "mask_dim": 32} if h == "mask_rcnn" else {})}
+                   if not head_class(h).exportable else {})
+               for h in list_heads() if head_class(h).result_kind in ("detection", "instance")}
 
 
 def make_model(head: str, backbone: str = "resnet10t", **kwargs):

@@ -241,14 +241,31 @@ class Predictor:
         per_head: dict[str, list[Result]] = {}
         with torch.inference_mode():
             if rest:
-                batch, infos = self.preprocess(arrays)
-                raw = self.model(batch, heads=rest)
-                per_head.update({name: self._postprocess(name, raw[name], infos) for name in rest})
+                # Images are batched only with images of the same padded size, so that no image's result depends
+                # on which others share its call (padding would otherwise enter normalisation layers and borders).
+                for idx in self._size_groups(arrays):
+                    batch, infos = self.preprocess([arrays[i] for i in idx])
+                    raw = self.model(batch, heads=rest)
+                    for name in rest:
+                        res = self._postprocess(name, raw[name], infos)
+                        slot = per_head.setdefault(name, [None] * len(arrays))  # type: ignore[list-item]
+                        for i, r in zip(idx, res):
+                            slot[i] = r
             for name in windowed:
                 per_head[name] = [self._sliding_semantic(name, arr) for arr in arrays]
         if len(self.heads) == 1:
             return per_head[self.heads[0]]
         return [{name: per_head[name][i] for name in self.heads} for i in range(len(arrays))]
+
+    def _size_groups(self, arrays: list[np.ndarray]) -> list[list[int]]:
+        """Indices of ``arrays`` grouped by the padded input size each image gets (order kept within a group)."""
+        s = self.spec
+        d = max(1, int(s.size_divisor))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, arr in enumerate(arrays):
+            h, w = compute_resize(arr.shape[:2], s.input_size, s.resize).size
+            groups.setdefault(((h + d - 1) // d, (w + d - 1) // d), []).append(i)
+        return list(groups.values())
 
     def _postprocess(self, name: str, raw: Any, infos: list[ResizeInfo]) -> list[Result]:
         return self.model.heads[name].postprocess(raw, infos, **self.options[name])

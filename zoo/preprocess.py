@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["RESIZE_MODES", "ResizeInfo", "decode_rgb", "check_decodable", "compute_resize", "resize_image", "normalize", "resize_boxes",
-           "resize_mask", "pad_batch", "boxes_to_original", "masks_to_original", "MASK_THRESHOLD"]
+           "resize_mask", "pad_batch", "boxes_to_original", "masks_to_original", "MASK_THRESHOLD", "IGNORE_INDEX"]
 
+#: Label of pixels that carry no loss and no score (crowd regions, padding, unlabelled mask pixels).
+IGNORE_INDEX = 255
 #: Instance masks are binarised at this probability after resizing to the original size (evaluation and serving).
 MASK_THRESHOLD = 0.5
 

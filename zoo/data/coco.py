@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from zoo.preprocess import (ResizeInfo, check_decodable, compute_resize, decode_rgb, normalize, resize_boxes,
+from zoo.preprocess import (IGNORE_INDEX, ResizeInfo, check_decodable, compute_resize, decode_rgb, normalize, resize_boxes,
                             resize_image, resize_mask)
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 __all__ = ["CocoIndex", "CocoDataset", "ImageRecord", "BadAnnotationError", "TARGET_FORMATS", "load_rgb"]
 
 TARGET_FORMATS = ("classification", "multilabel", "detection", "semantic", "instance")
-IGNORE_INDEX = 255
 
 
 class BadAnnotationError(ValueError):
@@ -362,6 +361,15 @@ class CocoDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def padded_sizes(self, size_divisor: int) -> list[tuple[int, int]]:
+        """The padded input size of every sample at evaluation (no augmentation): for size-grouped batches."""
+        d = max(1, int(size_divisor))
+        out = []
+        for r in self.records:
+            h, w = compute_resize((r.height, r.width), self.input_size, self.resize).size
+            out.append(((h + d - 1) // d * d, (w + d - 1) // d * d))
+        return out
 
     def labels(self) -> list[int]:
         """Single-label targets of every sample (for samplers), classification format only."""

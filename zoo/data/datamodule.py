@@ -9,13 +9,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from zoo.preprocess import pad_batch
+from zoo.preprocess import IGNORE_INDEX, pad_batch
 
 log = logging.getLogger(__name__)
 
 __all__ = ["collate", "ZooDataModule", "build_datasets", "resolve_coco_split", "DATASET_KINDS"]
 
-IGNORE_INDEX = 255
 
 
 def _stack_targets(values: Sequence[Any], padded_hw: tuple[int, int]) -> Any:
@@ -80,6 +79,19 @@ class _Collate:
         return collate(samples, size_divisor=self.size_divisor, target_format=self.target_format)
 
 
+def _padded_sizes(ds: Dataset, size_divisor: int) -> list[tuple[int, int]] | None:
+    """Evaluation input sizes of a dataset's items when it can tell them without decoding (COCO-style data)."""
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    if not hasattr(base, "padded_sizes"):
+        return None
+    sizes = base.padded_sizes(size_divisor)
+    return [sizes[i] for i in ds.indices] if isinstance(ds, Subset) else sizes
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _lightning_base():
     import lightning.pytorch as pl
 
@@ -125,6 +137,11 @@ class ZooDataModule(_lightning_base()):
         if train and self.train_batch_sampler is not None:
             return DataLoader(ds, batch_sampler=self.train_batch_sampler(ds, self.batch_size), **common)
         bs = self.batch_size if train else self.eval_batch_size
+        sizes = _padded_sizes(ds, self.collate.size_divisor) if not train else None
+        if sizes is not None and len(set(sizes)) > 1 and not _distributed():
+            from zoo.data.samplers import SizeGroupedBatchSampler
+
+            return DataLoader(ds, batch_sampler=SizeGroupedBatchSampler(sizes, bs), **common)
         drop = train and self.drop_last and len(ds) > bs
         return DataLoader(ds, batch_size=bs, shuffle=train, drop_last=drop, **common)
 

@@ -17,11 +17,10 @@ from torch.utils.data import Dataset
 
 from zoo.data.coco import BadAnnotationError, load_rgb
 from zoo.data.folders import list_images
-from zoo.preprocess import compute_resize, normalize, resize_image, resize_mask
+from zoo.preprocess import IGNORE_INDEX, compute_resize, normalize, resize_image, resize_mask
 
 __all__ = ["MaskFolderDataset", "read_index_mask"]
 
-IGNORE_INDEX = 255
 
 
 def read_index_mask(path: Path) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["ClassBalancedBatchSampler"]
+__all__ = ["ClassBalancedBatchSampler", "SizeGroupedBatchSampler"]
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):
@@ -125,3 +125,31 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             pos += m
         queue_pos[c] = pos
         return out
+
+
+class SizeGroupedBatchSampler(Sampler[list[int]]):
+    """Evaluation batches of images that share one padded input size, in dataset order within each size.
+
+    With ``resize="longest"`` (or letterbox) images of different aspect ratios get different sizes; batched
+    together, the smaller ones are padded, and the padding enters every normalisation layer and border of the
+    network, so an image's prediction would depend on its batch-mates. Grouping by size makes each image's result
+    the same as when it is predicted alone (as the Predictor does) and evaluation independent of the batch size.
+
+    Args:
+        sizes: the padded ``(h, w)`` of every dataset item.
+        batch_size: the largest batch.
+    """
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(sizes):
+            groups.setdefault((int(s[0]), int(s[1])), []).append(i)
+        self.batches = [idx[k:k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(b) for b in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)

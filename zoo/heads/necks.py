@@ -19,37 +19,17 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from zoo.heads.base import Neck, register_neck
+from zoo.heads.layers import norm_layer
 
 __all__ = ["FPN", "default_in_levels", "norm_layer_factory"]
 
 
-def _group_count(channels: int, preferred: int = 32) -> int:
-    """Largest group count ``<= preferred`` that divides ``channels`` (GroupNorm needs a divisor)."""
-    for g in range(min(preferred, channels), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_group_count(channels), channels)
-
-
 def norm_layer_factory(norm: str | None) -> Callable[[int], nn.Module] | None:
-    """Map a norm name to a ``channels -> module`` factory.
-
-    Args:
-        norm: ``None``/``"none"``, ``"gn"`` (GroupNorm with up to 32 groups) or ``"bn"`` (BatchNorm2d).
-    Returns: the factory, or ``None`` for no normalisation.
-    """
-    key = None if norm is None else str(norm).lower()
-    if key in (None, "none", ""):
+    """A ``channels -> module`` factory for ``norm`` (see :func:`zoo.heads.layers.norm_layer`), ``None`` for no
+    normalisation."""
+    if norm_layer(norm, 8, what="FPN norm") is None:
         return None
-    if key in ("gn", "groupnorm", "group_norm"):
-        return _group_norm
-    if key in ("bn", "batchnorm", "batch_norm"):
-        return partial(nn.BatchNorm2d)
-    raise ValueError(f"norm={norm!r} is not supported; use None, 'gn' or 'bn'")
+    return partial(norm_layer, norm)
 
 
 def default_in_levels(strides: Sequence[int]) -> tuple[int, ...]:

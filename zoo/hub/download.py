@@ -1,23 +1,29 @@
 """Downloads into zoo's cache with sha256 verification, an offline mode and ``hf-hub:`` references.
 
-- Cache folder: ``$ZOO_HOME`` or ``~/.cache/zoo/hub`` (:func:`cache_dir`).
-- ``ZOO_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) never touches the network: only cached files (and ``file://``
-  URLs, which are local) are used; anything else is an :class:`OfflineError` naming the cache path to fill.
-- Every download streams into a temporary file beside its destination, is hashed on the way, and is renamed into
-  place only when the digest matches, so the cache never holds a partial or wrong file under its final name.
+The transfer itself is ``torch.hub.download_url_to_file`` (it streams to a ``.partial`` file, checks the sha256
+on the way and shows a progress bar) and, for ``hf-hub:org/name[@revision]``, ``huggingface_hub.snapshot_download``
+(only when installed). What is added here:
 
-Only the standard library (urllib, no requests) at module level; ``huggingface_hub`` is imported on demand.
+- the cache folder: ``$ZOO_HOME`` or ``~/.cache/zoo/hub`` (:func:`cache_dir`), with a cached copy re-used only when
+  its full sha256 matches;
+- ``ZOO_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) never touches the network: only cached files (and ``file://``
+  URLs, which are local) are used; anything else is an :class:`OfflineError` naming the cache path to fill;
+- full 64-hex-digit sha256 verification, and placement with ``os.replace`` only after it, so the cache never holds
+  a partial or wrong file under its final name;
+- checks and errors that name the file, URL or digest (:class:`DownloadError`, ``BundleIntegrityError``).
+
+Only the standard library at module level; torch and ``huggingface_hub`` are imported on demand.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
+from http.client import HTTPException
 from pathlib import Path
 
 from .bundle import BundleIntegrityError, sha256_file
@@ -33,8 +39,6 @@ __all__ = [
     "snapshot_hf_hub",
 ]
 
-_CHUNK = 1 << 20
-_TIMEOUT_S = 60.0
 _TRUE = {"1", "true", "yes", "on"}
 HF_PREFIX = "hf-hub:"
 
@@ -91,43 +95,14 @@ def _default_filename(url: str) -> str:
     return name
 
 
-def _open(url: str):  # -> a binary file-like with .read(n), and the total size or None
-    """Open ``url`` for streaming; ``file://`` reads the local file directly."""
+def _check_file_url(url: str) -> None:
+    """``file://`` URLs must name an existing local file (urllib would say less)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() == "file":
-        local = Path(urllib.request.url2pathname(parts.path))
-        if parts.netloc not in ("", "localhost"):
-            raise DownloadError(f"file URL {url!r} names host {parts.netloc!r}; use file:///absolute/path")
-        if not local.is_file():
-            raise FileNotFoundError(f"{local} does not exist (from URL {url})")
-        return open(local, "rb"), local.stat().st_size
-    if parts.scheme.lower() not in {"http", "https"}:
-        raise ValueError(f"unsupported URL scheme in {url!r}: use http://, https:// or file://")
-    req = urllib.request.Request(url, headers={"User-Agent": "zoo-hub/1 (python urllib)"})
-    try:
-        resp = urllib.request.urlopen(req, timeout=_TIMEOUT_S)  # noqa: S310 - scheme checked above
-    except urllib.error.HTTPError as e:
-        raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise DownloadError(
-            f"could not reach {url} ({reason}); check the network, or set ZOO_OFFLINE=1 to use only cached files "
-            f"in {cache_dir()}"
-        ) from e
-    length = resp.headers.get("Content-Length")
-    return resp, int(length) if length and length.isdigit() else None
-
-
-def _report(progress: bool, url: str, done: int, total: int | None, final: bool = False) -> None:
-    if not progress:
-        return
-    if total:
-        msg = f"\rDownloading {url}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB ({100 * done // max(total, 1)}%)"
-    else:
-        msg = f"\rDownloading {url}: {done / 2**20:.1f} MiB"
-    if final or sys.stderr.isatty():
-        sys.stderr.write(msg + ("\n" if final else ""))
-        sys.stderr.flush()
+    if parts.netloc not in ("", "localhost"):
+        raise DownloadError(f"file URL {url!r} names host {parts.netloc!r}; use file:///absolute/path")
+    local = Path(urllib.request.url2pathname(parts.path))
+    if not local.is_file():
+        raise FileNotFoundError(f"{local} does not exist (from URL {url})")
 
 
 def download_file(
@@ -157,14 +132,14 @@ def download_file(
         raise ValueError(f"filename {name!r} must be a plain file name, not a path")
     dest_dir = Path(dest_dir).expanduser()
     dest = dest_dir / name
-    is_file_url = urllib.parse.urlsplit(url).scheme.lower() == "file"
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
 
     if dest.is_file():
         if expected is not None and sha256_file(dest) == expected:
             return dest
         if expected is None and offline():
             return dest
-    if offline() and not is_file_url:
+    if offline() and scheme != "file":
         state = "holds a file with a different sha256" if dest.exists() else "does not hold it"
         raise OfflineError(
             f"{_offline_var()}=1 (offline mode) and {url} is not cached: {dest} {state}. Populate the cache by "
@@ -172,33 +147,43 @@ def download_file(
             + (f" (its sha256 must be {expected})." if expected else ".")
             + " Set ZOO_HOME to use another cache folder."
         )
+    if scheme == "file":
+        _check_file_url(url)
+    elif scheme not in {"http", "https"}:
+        raise ValueError(f"unsupported URL scheme in {url!r}: use http://, https:// or file://")
+
+    from torch.hub import download_url_to_file
 
     dest_dir.mkdir(parents=True, exist_ok=True)
-    src, total = _open(url)
-    fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    # torch streams into "<tmp>.<uuid>.partial" and renames it to tmp once the digest matches; tmp is then put in
+    # place with os.replace (atomic, also over an existing file on Windows, unlike torch's shutil.move).
+    tmp = dest_dir / f".{name}.{uuid.uuid4().hex}.download"
+    if progress:
+        sys.stderr.write(f"Downloading {url} to {dest}\n")
+        sys.stderr.flush()
     try:
-        h = hashlib.sha256()
-        done = 0
-        with src, os.fdopen(fd, "wb") as out:
-            while chunk := src.read(_CHUNK):
-                out.write(chunk)
-                h.update(chunk)
-                done += len(chunk)
-                _report(progress, url, done, total)
-        _report(progress, url, done, total, final=True)
-        if total is not None and done != total:
-            raise DownloadError(f"download of {url} ended after {done} of {total} bytes; try again")
-        actual = h.hexdigest()
-        if expected is not None and actual != expected:
+        try:
+            # a full 64-digit "prefix" makes torch check the whole digest while it streams
+            download_url_to_file(url, str(tmp), hash_prefix=expected, progress=progress)
+        except urllib.error.HTTPError as e:
+            raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+        except urllib.error.URLError as e:
+            raise DownloadError(
+                f"could not reach {url} ({e.reason}); check the network, or set ZOO_OFFLINE=1 to use only cached "
+                f"files in {cache_dir()}"
+            ) from e
+        except (ConnectionError, TimeoutError, HTTPException) as e:
+            raise DownloadError(f"download of {url} broke off ({type(e).__name__}: {e}); try again") from e
+        except RuntimeError as e:
+            if expected is None or "hash" not in str(e):
+                raise
             raise BundleIntegrityError(
-                f"{url} (saved as {dest}): sha256 mismatch, expected {expected}, actual {actual}. The download is "
-                "corrupted or the file at the URL changed; try again, and if it persists the published digest is stale."
-            )
+                f"{url} (saved as {dest}): sha256 mismatch, {e}. The download is corrupted or the file at the URL "
+                "changed; try again, and if it persists the published digest is stale."
+            ) from None
         os.replace(tmp, dest)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 

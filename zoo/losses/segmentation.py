@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.preprocess import IGNORE_INDEX
+
 __all__ = ["dice_loss", "masked_cross_entropy", "check_mask_targets"]
 
 
@@ -35,7 +37,7 @@ def check_mask_targets(logits: torch.Tensor, target: torch.Tensor, ignore_index:
                          f"ignore_index to the label used for 'ignore'")
 
 
-def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255,
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
                          weight: torch.Tensor | None = None) -> torch.Tensor:
     """Pixel-averaged cross-entropy that skips ``ignore_index`` pixels.
 
@@ -60,7 +62,7 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_i
     return total / denom.clamp(min=1e-6)
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, *, smooth: float = 1.0,
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX, *, smooth: float = 1.0,
               eps: float = 1e-6) -> torch.Tensor:
     """Multi-class soft dice loss over the batch, ignoring ``ignore_index`` pixels.
 

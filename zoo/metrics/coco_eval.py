@@ -2,23 +2,26 @@
 
 ``evaluate_coco`` scores COCO-format results (boxes or RLE masks) against a COCO ground-truth json with either
 `faster-coco-eval <https://github.com/MiXaiLL76/faster_coco_eval>`_ (C++ evaluate/accumulate, the default when it
-is installed) or the reference ``pycocotools``. Both backends receive the same normalised inputs, and the 12 summary
-numbers are computed here from the accumulated precision/recall arrays with the exact formula of
-``pycocotools.cocoeval.COCOeval.summarize`` (which also makes custom ``max_dets`` work; pycocotools' own
-``summarize`` hard-codes 100 for AP). The tests check the two backends agree, and agree with pycocotools' own
-``summarize``, on the real COCO subsets in ``../shared/data``.
+is installed) or the reference ``pycocotools``. The libraries do the work: ``COCO.loadRes`` builds the results
+object, ``COCOeval.evaluate/accumulate/summarize`` the numbers (``stats``), with their printing silenced. The tests
+check the two backends agree, and agree with a plain pycocotools run, on the real COCO subsets in
+``../shared/data``.
+
+What is added here, because the libraries lack it: input validation that names bad image/category ids (instead of
+a bare ``AssertionError`` or a silent ignore) and normalises masks (polygons and uncompressed RLE are encoded, as
+``loadRes`` only takes compressed RLE), ground truth without ``area``/``iscrowd``, ``image_ids`` filtering, per-class
+AP from the accumulated precision array, timings, and the empty-results case.
 
 Conventions kept from pycocotools: a summary number is ``-1.0`` when no ground truth falls in its area range;
-crowd ground truth (``iscrowd=1``) is ignored rather than counted as a miss. Two deliberate differences:
+crowd ground truth (``iscrowd=1``) is ignored rather than counted as a miss. Deliberate differences:
 
 - results that are empty (or that fall on none of the evaluated images) give all-zero stats and a logged warning
   instead of pycocotools' ``IndexError``;
-- for ``iou_type="segm"`` a result's own ``bbox`` is ignored, so a detection's area (used for the small/medium/large
-  ranges) is always its mask area. ``pycocotools.COCO.loadRes`` would take ``w * h`` of the box when a result
-  carries both (detectron2 drops the box for the same reason).
-
-The results COCO object is built here exactly as ``loadRes`` builds it (ids 1..N, ``iscrowd`` 0, areas), after
-validation that names bad image/category ids instead of pycocotools' bare ``AssertionError`` or silent ignore.
+- for ``iou_type="segm"`` a result's own ``bbox`` is dropped before ``loadRes``, so a detection's area (used for
+  the small/medium/large ranges) is always its mask area; ``loadRes`` would take ``w * h`` of the box when a result
+  carries both (detectron2 drops the box for the same reason);
+- with custom ``max_dets`` AP is taken at ``max_dets[2]`` like every other number (faster-coco-eval does this;
+  pycocotools' ``summarize`` reads AP at a hard-coded 100, so that one number is taken from its precision array).
 
 Nothing here is on the serving path; the backends are imported lazily so either one alone is enough.
 """
@@ -46,7 +49,6 @@ __all__ = [
     "STAT_NAMES",
     "CocoEvalResult",
     "evaluate_coco",
-    "fake_results",
     "json_safe_results",
     "load_coco_gt",
     "resolve_backend",
@@ -60,20 +62,12 @@ STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1",
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
 BACKENDS: tuple[str, ...] = ("auto", "faster", "pycocotools")
 
-#: (ap?, IoU threshold or None for 0.50:0.95, area label, index into max_dets) for each of STAT_NAMES.
-_SUMMARY_SPEC: tuple[tuple[bool, float | None, str, int], ...] = (
-    (True, None, "all", 2),
-    (True, 0.5, "all", 2),
-    (True, 0.75, "all", 2),
-    (True, None, "small", 2),
-    (True, None, "medium", 2),
-    (True, None, "large", 2),
-    (False, None, "all", 0),
-    (False, None, "all", 1),
-    (False, None, "all", 2),
-    (False, None, "small", 2),
-    (False, None, "medium", 2),
-    (False, None, "large", 2),
+#: How ``summary_lines`` labels each of STAT_NAMES, as pycocotools prints it: (AP?, IoU label, area, max_dets index).
+_LINE_LABELS: tuple[tuple[bool, str, str, int], ...] = (
+    (True, "0.50:0.95", "all", 2), (True, "0.50", "all", 2), (True, "0.75", "all", 2),
+    (True, "0.50:0.95", "small", 2), (True, "0.50:0.95", "medium", 2), (True, "0.50:0.95", "large", 2),
+    (False, "0.50:0.95", "all", 0), (False, "0.50:0.95", "all", 1), (False, "0.50:0.95", "all", 2),
+    (False, "0.50:0.95", "small", 2), (False, "0.50:0.95", "medium", 2), (False, "0.50:0.95", "large", 2),
 )
 
 #: Metric names for training logs (``val/mAP`` ...), see DESIGN.md.
@@ -126,9 +120,8 @@ class CocoEvalResult:
             12 strings, e.g. ``" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.372"``.
         """
         lines = []
-        for name, (is_ap, thr, area, m) in zip(STAT_NAMES, _SUMMARY_SPEC):
+        for name, (is_ap, iou, area, m) in zip(STAT_NAMES, _LINE_LABELS):
             title, kind = ("Average Precision", "(AP)") if is_ap else ("Average Recall", "(AR)")
-            iou = "0.50:0.95" if thr is None else f"{thr:0.2f}"
             lines.append(f" {title:<18} {kind} @[ IoU={iou:<9} | area={area:>6s} | maxDets={self.max_dets[m]:>3d} ]"
                          f" = {self.stats[name]:0.3f}")
         return lines
@@ -430,71 +423,30 @@ def _prepare_results(raw: Sequence[Mapping[str, Any]], coco_gt: Any, iou_type: s
     return out
 
 
-def _fast_mask_api(backend: str) -> Any:
-    """Mask API for per-RLE area/box: pycocotools' is ~4x quicker per call than faster-coco-eval's, and the
-    numbers are integers/pixel bounds, identical in both."""
-    try:
-        from pycocotools import mask
-
-        return mask
-    except ImportError:
-        return _mask_api(backend)
-
-
-def _results_coco(coco_gt: Any, dets: list[dict[str, Any]], iou_type: str, backend: str) -> Any:
-    """Results COCO object, built as ``COCO.loadRes`` builds it (ids 1..N, iscrowd 0, area = box ``w * h`` for bbox
-    results and the mask area for segm results, segm box from the mask) from already validated ``dets``."""
-    res = type(coco_gt)()
-    if backend == "faster":
-        res.print_function = _silent
-    if iou_type == "bbox":
-        for i, d in enumerate(dets, start=1):
-            b = d["bbox"]
-            d["area"] = b[2] * b[3]
-            d["id"] = i
-            d["iscrowd"] = 0
-    else:
-        api = _fast_mask_api(backend)
-        for i, d in enumerate(dets, start=1):
-            seg = d["segmentation"]
-            d["area"] = float(api.area(seg))
-            d["bbox"] = [float(v) for v in api.toBbox(seg)]
-            d["id"] = i
-            d["iscrowd"] = 0
-    res.dataset = {"info": dict(coco_gt.dataset.get("info", {})), "images": list(coco_gt.dataset["images"]),
-                   "categories": [dict(c) for c in coco_gt.dataset["categories"]], "annotations": dets}
-    res.createIndex()
-    return res
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _mean_valid(s: np.ndarray) -> float:
+    """Mean of the defined (``> -1``) entries, ``-1.0`` when there are none (pycocotools' rule)."""
     v = s[s > -1]
     return float(np.mean(v)) if v.size else -1.0
 
 
-def _summarize(precision: np.ndarray, recall: np.ndarray, iou_thrs: np.ndarray,
-               area_labels: Sequence[str]) -> dict[str, float]:
-    """The 12 COCO numbers from accumulated arrays, as pycocotools' ``summarize`` computes them.
+def _summary_stats(ev: Any, backend: str, max_dets: tuple[int, ...]) -> dict[str, float]:
+    """The 12 numbers of the library's own ``summarize()`` (``ev.stats``), keyed by ``STAT_NAMES``.
 
-    Args:
-        precision: ``[T, R, K, A, M]``. recall: ``[T, K, A, M]``. iou_thrs: ``[T]``. area_labels: ``A`` labels.
-
-    Returns:
-        Dict keyed by ``STAT_NAMES``.
+    pycocotools' ``summarize`` (only meant for "the default parameter setting") reads AP, and only AP, at a
+    hard-coded ``maxDets=100``: with custom ``max_dets`` that is ``-1`` (100 not a limit) or the wrong column (100
+    not the last limit). There AP is taken at ``max_dets[2]``, as faster-coco-eval and every other number do.
     """
-    stats = {}
-    for name, (is_ap, thr, area, m) in zip(STAT_NAMES, _SUMMARY_SPEC):
-        a = list(area_labels).index(area)
-        s = precision[..., a, m] if is_ap else recall[..., a, m]
-        if thr is not None:
-            s = s[np.isclose(iou_thrs, thr)]
-        stats[name] = _mean_valid(s)
-    return stats
+    ev.summarize()  # printing: pycocotools' stdout is redirected by the caller, faster-coco-eval's is _silent
+    stats = [float(v) for v in ev.stats[:len(STAT_NAMES)]]
+    if backend == "pycocotools" and max_dets[2] != 100:
+        area_all = list(ev.params.areaRngLbl).index("all")
+        stats[0] = _mean_valid(np.asarray(ev.eval["precision"])[:, :, :, area_all, 2])
+    return dict(zip(STAT_NAMES, stats))
 
 
 def _category_names(coco_gt: Any, cat_ids: Sequence[int]) -> list[str]:
@@ -576,13 +528,13 @@ def evaluate_coco(
     if not dets:
         timings["load_results"] = time.perf_counter() - t0
         return _empty_result(coco_gt, img_ids, cat_ids, names, iou_type, max_dets, timings)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = _results_coco(coco_gt, dets, iou_type, backend)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints every step
+        # ids 1..N, iscrowd 0, area (box w * h, or the mask area: segm results carry no bbox), segm box from the mask
+        coco_dt = coco_gt.loadRes(dets)
         timings["load_results"] = time.perf_counter() - t0
         if backend == "faster":
             from faster_coco_eval import COCOeval_faster
 
-            coco_dt.print_function = _silent
             ev = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=_silent)
         else:
             from pycocotools.cocoeval import COCOeval
@@ -597,10 +549,10 @@ def evaluate_coco(
         t0 = time.perf_counter()
         ev.accumulate()
         timings["accumulate"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        stats = _summary_stats(ev, backend, max_dets)
     precision = np.asarray(ev.eval["precision"], dtype=np.float64)
     recall = np.asarray(ev.eval["recall"], dtype=np.float64)
-    stats = _summarize(precision, recall, np.asarray(ev.params.iouThrs), ev.params.areaRngLbl)
     per_class = _per_class_ap(precision, names)
     timings["summarize"] = time.perf_counter() - t0
     return CocoEvalResult(stats=stats, per_class_ap=per_class, iou_type=iou_type, backend=backend,
@@ -619,133 +571,3 @@ def _empty_result(coco_gt: Any, img_ids: list[int], cat_ids: list[int], names: l
     return CocoEvalResult(stats={k: 0.0 for k in STAT_NAMES}, per_class_ap=per_class, iou_type=iou_type,
                           backend="none", max_dets=tuple(max_dets), num_images=len(img_ids), timings=timings,
                           category_ids=list(cat_ids))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# fake results for tests and benchmarks
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _erode(m: np.ndarray) -> np.ndarray:
-    """One-pixel 4-neighbour erosion of a ``[H, W]`` uint8 mask."""
-    e = m.copy()
-    e[1:, :] &= m[:-1, :]
-    e[:-1, :] &= m[1:, :]
-    e[:, 1:] &= m[:, :-1]
-    e[:, :-1] &= m[:, 1:]
-    e[0, :] = e[-1, :] = 0
-    e[:, 0] = e[:, -1] = 0
-    return e
-
-
-def _shift(m: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Shift a ``[H, W]`` mask by (dy, dx) pixels, filling with zeros."""
-    out = np.zeros_like(m)
-    h, w = m.shape
-    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    out[yd, xd] = m[ys, xs]
-    return out
-
-
-def fake_results(
-    gt: Any,
-    iou_type: str = "bbox",
-    *,
-    seed: int = 0,
-    per_image: int | None = None,
-    drop: float = 0.15,
-    wrong_class: float = 0.1,
-    jitter: float = 0.08,
-    duplicates: float = 0.1,
-    false_positives: int = 3,
-    backend: str = "auto",
-) -> list[dict[str, Any]]:
-    """Deterministic imperfect detections built from ground truth, for tests and benchmarks.
-
-    Each non-crowd GT object is dropped with probability ``drop``; otherwise it yields a detection whose box is
-    jittered by ``~N(0, jitter * size)`` in position and ``exp(N(0, jitter))`` in scale (for masks: GT polygons
-    moved and scaled the same way; RLE masks shifted by the same offset and, half the time, eroded by one
-    pixel), with its class swapped at random with probability ``wrong_class``, plus a second, lower-scored
-    duplicate with probability ``duplicates``. Each image then gets false positives (random boxes /
-    octagon masks, random classes, low-ish scores): ``false_positives`` of them, or enough to reach ``per_image``
-    detections. Scores are distinct random floats.
-
-    Args:
-        gt: ground truth as accepted by ``load_coco_gt``.
-        iou_type: ``"bbox"`` (results carry ``bbox``) or ``"segm"`` (``segmentation`` RLE with str counts, and
-            ``bbox``).
-        seed: numpy random seed.
-        per_image: target number of detections per image (false positives fill up to it), or None.
-        drop, wrong_class, jitter, duplicates, false_positives: see above.
-        backend: which mask API encodes masks.
-
-    Returns:
-        List of COCO result dicts with GT category ids.
-    """
-    if iou_type not in IOU_TYPES:
-        raise ValueError(f"iou_type={iou_type!r} is not supported; use one of {IOU_TYPES}")
-    backend = resolve_backend(backend)
-    mask_api = _mask_api(backend)
-    coco = load_coco_gt(gt, backend)
-    rng = np.random.default_rng(seed)
-    cat_ids = np.array(sorted(coco.getCatIds()))
-    by_image: dict[int, list[dict[str, Any]]] = {i: [] for i in coco.imgs}
-    for a in sorted(coco.dataset["annotations"], key=lambda a: a["id"]):
-        if not a.get("iscrowd", 0) and a["image_id"] in by_image:
-            by_image[a["image_id"]].append(a)
-
-    def det(img_id: int, cat: int, score: float, box: list[float], mask: np.ndarray | dict | None) -> dict:
-        d: dict[str, Any] = {"image_id": img_id, "category_id": int(cat), "score": float(score),
-                             "bbox": [round(float(v), 2) for v in box]}
-        if iou_type == "segm":
-            rle = mask if isinstance(mask, dict) else mask_api.encode(np.asfortranarray(mask))
-            c = rle["counts"]
-            d["segmentation"] = {"size": [int(s) for s in rle["size"]],
-                                 "counts": c.decode("ascii") if isinstance(c, bytes) else c}
-        return d
-
-    out: list[dict[str, Any]] = []
-    for img_id in sorted(by_image):
-        img = coco.imgs[img_id]
-        h, w = int(img["height"]), int(img["width"])
-        dets: list[dict[str, Any]] = []
-        for a in by_image[img_id]:
-            if rng.random() < drop:
-                continue
-            x, y, bw, bh = (float(v) for v in a["bbox"])
-            dx, dy = rng.normal(0.0, jitter * max(bw, 1.0)), rng.normal(0.0, jitter * max(bh, 1.0))
-            sw, sh = np.exp(rng.normal(0.0, jitter, size=2))
-            nx, ny = float(np.clip(x + dx, 0, w - 1)), float(np.clip(y + dy, 0, h - 1))
-            box = [nx, ny, float(min(max(bw * sw, 1.0), w - nx)), float(min(max(bh * sh, 1.0), h - ny))]
-            cat = a["category_id"] if rng.random() >= wrong_class else int(rng.choice(cat_ids))
-            score = rng.uniform(0.3, 1.0)
-            mask = None
-            if iou_type == "segm":
-                seg = a["segmentation"]
-                if isinstance(seg, list) and seg:  # polygons: move/scale them like the box (fast)
-                    polys = []
-                    for poly in seg:
-                        q = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-                        q = np.stack([box[0] + (q[:, 0] - x) * sw, box[1] + (q[:, 1] - y) * sh], 1)
-                        polys.append(q.ravel().tolist())
-                    mask = mask_api.merge(mask_api.frPyObjects(polys, h, w))
-                else:  # RLE: shift the decoded mask, erode it half the time
-                    m = mask_api.decode(_to_rle(seg, h, w, mask_api)).astype(np.uint8)
-                    m = _shift(m, int(round(dy)), int(round(dx)))
-                    mask = _erode(m) if rng.random() < 0.5 else m
-            dets.append(det(img_id, cat, score, box, mask))
-            if rng.random() < duplicates:
-                dets.append(det(img_id, cat, score * rng.uniform(0.3, 0.9), box, mask))
-        n_fp = false_positives if per_image is None else max(per_image - len(dets), 0)
-        for _ in range(n_fp):
-            bw, bh = rng.uniform(4, max(w / 2, 5)), rng.uniform(4, max(h / 2, 5))
-            x, y = rng.uniform(0, max(w - bw, 1)), rng.uniform(0, max(h - bh, 1))
-            mask = None
-            if iou_type == "segm":
-                t = np.linspace(0, 2 * np.pi, 8, endpoint=False)
-                poly = np.stack([x + bw / 2 * (1 + np.cos(t)), y + bh / 2 * (1 + np.sin(t))], 1).ravel()
-                mask = mask_api.merge(mask_api.frPyObjects([poly.tolist()], h, w))
-            dets.append(det(img_id, int(rng.choice(cat_ids)), rng.uniform(0.01, 0.7), [x, y, bw, bh], mask))
-        out.extend(dets)
-    return out

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from zoo.data.datamodule import IGNORE_INDEX
+from zoo.preprocess import IGNORE_INDEX
 from zoo.preprocess import ResizeInfo
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,12 @@ class CocoEvaluator(Evaluator):
             for r in res.to_coco(int(img_id)):
                 r["bbox"] = [round(float(v), 2) for v in r["bbox"]]
                 r["score"] = round(float(r["score"]), 5)
+                if "segmentation" in r:  # the results-file convention: compressed RLE with str counts
+                    from pycocotools import mask as mask_util
+
+                    seg = r["segmentation"]
+                    rle = mask_util.frPyObjects(seg, *seg["size"])
+                    r["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
                 self.results.append(r)
 
     def compute(self, module: Any) -> tuple[dict[str, float], dict[str, Any]]:

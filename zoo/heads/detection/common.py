@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
+from zoo.heads.layers import norm_layer
+
 __all__ = [
     "PaddedTargets", "pad_targets", "grid_points", "grid_anchors", "cached_anchors", "box_iou_iof", "match_anchors",
     "flatten_levels", "conv_tower", "check_levels", "prior_bias", "IGNORE", "BACKGROUND",
@@ -195,10 +197,6 @@ def flatten_levels(maps: Sequence[torch.Tensor], channels: int) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-def _group_count(channels: int, preferred: int = 32) -> int:
-    return next(g for g in range(min(preferred, channels), 0, -1) if channels % g == 0)
-
-
 def conv_tower(channels: int, num_convs: int, norm: str | None = "gn") -> nn.Sequential:
     """``num_convs`` x (3x3 conv, norm, ReLU), weights N(0, 0.01) as in RetinaNet/FCOS.
 
@@ -216,7 +214,7 @@ def conv_tower(channels: int, num_convs: int, norm: str | None = "gn") -> nn.Seq
             nn.init.zeros_(conv.bias)
         layers.append(conv)
         if key == "gn":
-            layers.append(nn.GroupNorm(_group_count(channels), channels))
+            layers.append(norm_layer("gn", channels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 

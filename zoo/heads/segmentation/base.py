@@ -11,37 +11,20 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 from zoo.heads.base import Head
+from zoo.heads.layers import norm_layer
+from zoo.preprocess import IGNORE_INDEX
 from zoo.losses.segmentation import check_mask_targets, dice_loss, masked_cross_entropy
 from zoo.results import SemanticSegmentation
 
 __all__ = ["SegmentationHead", "conv_norm_act", "make_norm", "select_levels", "resize_to"]
 
 
-def _groups(channels: int, preferred: int = 32) -> int:
-    """Largest group count ``<= preferred`` dividing ``channels`` with at least 4 channels per group where possible
-    (so GroupNorm on the 1x1 pooled branches normalises over several values, not one)."""
-    for g in range(min(preferred, max(1, channels // 4)), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
-
-
 def make_norm(norm: str | None, channels: int) -> nn.Module:
-    """A normalisation layer by name.
-
-    Args:
-        norm: ``"gn"`` (GroupNorm, up to 32 groups of at least 4 channels), ``"bn"`` (BatchNorm2d; needs more
-            than one value per channel in training, so batch >= 2 for the pooled branches), or ``None``/``"none"``.
-        channels: channels it normalises.
-    """
-    key = "none" if norm is None else str(norm).lower()
-    if key in ("gn", "groupnorm", "group_norm"):
-        return nn.GroupNorm(_groups(channels), channels)
-    if key in ("bn", "batchnorm", "batch_norm"):
-        return nn.BatchNorm2d(channels)
-    if key in ("none", ""):
-        return nn.Identity()
-    raise ValueError(f"norm={norm!r} is not supported by the segmentation heads; use 'gn', 'bn' or None")
+    """A normalisation layer by name (:func:`zoo.heads.layers.norm_layer`): ``"gn"`` (GroupNorm, up to 32 groups of
+    at least 4 channels, so GroupNorm on the 1x1 pooled branches normalises over several values), ``"bn"``
+    (BatchNorm2d; needs batch >= 2 for the pooled branches in training), or ``None`` (identity)."""
+    layer = norm_layer(norm, channels, min_per_group=4, what="segmentation head norm")
+    return layer if layer is not None else nn.Identity()
 
 
 def conv_norm_act(in_ch: int, out_ch: int, kernel: int = 3, *, norm: str | None = "gn", dilation: int = 1
@@ -125,7 +108,7 @@ class SegmentationHead(Head):
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], *, num_classes: int, channels: int = 256,
                  dropout: float = 0.1, in_levels: Sequence[int] | None = None, norm: str | None = "gn",
                  aux_head: bool = False, aux_weight: float = 0.4, aux_channels: int | None = None,
-                 ignore_index: int = 255, dice_weight: float = 0.0,
+                 ignore_index: int = IGNORE_INDEX, dice_weight: float = 0.0,
                  class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         in_channels, strides = [int(c) for c in in_channels], [int(s) for s in strides]

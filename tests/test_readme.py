@@ -1,0 +1,111 @@
+"""Every ``python train.py`` / ``python evaluate.py`` command in the README runs, at a tiny size, so the README
+cannot go stale: each command's own overrides are kept, placeholders (``<run>``, ``/data/coco``, ...) point at
+small local data, and tiny-size overrides are appended (one fast_dev_run step for training commands). Commands that
+need a GPU (``trainer=gpu``) are composed and validated only, when no GPU is present."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import FAST, ROOT, SHARED_DATA, SMALL_SHAPES, compose
+from zoo.config import TrainConfig, validate
+
+TINY_TRAIN = ["trainer.fast_dev_run=true", "data.batch_size=4", *FAST, "backbone.name=resnet10t",
+              "model.input_size=[64,64]", "data.limit_train_images=8", "data.limit_val_images=8", *SMALL_SHAPES]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(("python train.py", "python evaluate.py")):
+                cmds.append(line)
+    return cmds
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_commands() -> None:
+    assert len(COMMANDS) >= 15 and any("experiment=shapes_multi" in c for c in COMMANDS)
+
+
+#: The run the README's ``<run>`` and ``...`` stand for: a tiny multi-label classifier on coco128's categories.
+RUN = ["model=classification", "data=coco", f"data.root={SHARED_DATA / 'coco128'}", "backbone=test_resnet",
+       "model.input_size=[64,64]", "data.limit_train_images=8", "data.limit_val_images=8", "data.batch_size=4", *FAST]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, str]:
+    """``<run>`` (a tiny coco128 run with checkpoints), a ``detections.json`` for tiny_coco (its ground truth as
+    results) and identity folders for the placeholders."""
+    import json
+
+    from tests.test_train_classification import identity_folders
+    from zoo.training import train
+
+    if not (SHARED_DATA / "coco128").is_dir():
+        pytest.skip("../shared/data not present")
+    out = tmp_path_factory.mktemp("readme_run")
+    train(compose("train", [*RUN, "trainer.max_epochs=1", "export_bundle=false"], output_dir=out))
+    gt = json.loads((SHARED_DATA / "tiny_coco" / "annotations" / "instances_train2017.json").read_text())
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in gt["annotations"] if not a.get("iscrowd")]
+    res_file = out / "detections.json"
+    res_file.write_text(json.dumps(results))
+    ids = identity_folders(tmp_path_factory.mktemp("readme_ids"))
+    return {"run": str(out), "results": str(res_file), "ids": str(ids)}
+
+
+def _arguments(cmd: str, places: dict[str, str]) -> tuple[str, list[str]]:
+    coco = str(SHARED_DATA / "coco128")
+    tiny = str(SHARED_DATA / "tiny_coco")
+    cmd = (cmd.replace("<run>", places["run"]).replace("../shared/data/coco128", coco)
+           .replace("../shared/data/tiny_coco", tiny).replace("results=detections.json", f"results={places['results']}"))
+    cmd = re.sub(r"=/data/coco(?=\s|$)", "=" + coco, cmd)
+    cmd = re.sub(r"=/data/identities(?=\s|$)", "=" + places["ids"], cmd)
+    words = shlex.split(cmd)
+    args = [a for w in words[2:] for a in (RUN if w == "..." else [w])]
+    return words[1], args
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_readme_command_runs(cmd: str, places: dict[str, str], tmp_path: Path) -> None:
+    from zoo.evaluation import evaluate
+    from zoo.training import train
+
+    if ("coco128" in cmd or "/data/coco" in cmd or "tiny_coco" in cmd) and not (SHARED_DATA / "coco128").is_dir():
+        pytest.skip("../shared/data not present")
+    entry, args = _arguments(cmd, places)
+    if "-m" in args:  # a sweep: every combination composes; the multirun itself is tested through a real process
+        args = [a for a in args if a != "-m"]
+        args = [a.split(",")[0] if "=" in a and "," in a and "[" not in a else a for a in args]
+    if entry == "evaluate.py":
+        extra = ["data.num_workers=0", "data.persistent_workers=false", "trainer.enable_progress_bar=false",
+                 "data.limit_val_images=8"]
+        if not any(a.startswith("data=") for a in args) and not any(a.startswith("results=") for a in args):
+            extra += SMALL_SHAPES
+        res = evaluate(compose("evaluate", [*args, *extra], output_dir=tmp_path))
+        assert res["metrics"]
+        return
+    if any(a.startswith("ckpt_path=") for a in args):  # resume: one more epoch of the same run
+        cfg = compose("train", [*args, "trainer.max_epochs=2"], output_dir=tmp_path)
+        assert train(cfg)["best_ckpt"]
+        return
+    extra = list(TINY_TRAIN)
+    if "experiment=mixed_det_sim" in args:  # its identity source at a tiny size (4 identities x 4 images)
+        extra += ["model.heads.1.data.batch_size=8", "+model.heads.1.data.limit_train_images=16",
+                  "+model.heads.1.data.limit_val_images=12"]
+    cfg = compose("train", [*args, *extra], output_dir=tmp_path)
+    if "trainer=gpu" in args and not torch.cuda.is_available():
+        validate(cfg, TrainConfig)  # composes and validates; the run itself needs a GPU
+        return
+    res = train(cfg)
+    assert Path(res["output_dir"]) == tmp_path
