@@ -147,7 +147,7 @@ def bench_head(head: str, args: argparse.Namespace, device: torch.device) -> dic
 
     def zoo_infer() -> None:
         with torch.no_grad(), amp():
-            zoo_head.postprocess(zoo_model(normed)["det"], sizes)
+            zoo_head.predict(zoo_model(normed)["det"], sizes)
 
     def tv_infer() -> None:
         with torch.no_grad(), amp():

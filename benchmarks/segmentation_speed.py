@@ -4,7 +4,7 @@ In one run, for every zoo decoder and for torchvision's ``deeplabv3_resnet50`` (
 same random images and masks, this times
 
 * a training step: forward, loss (cross-entropy at full resolution, 255 ignored), backward, SGD step;
-* inference: forward and a full-resolution ``(H, W)`` class map per image (zoo: ``head.postprocess``;
+* inference: forward and a full-resolution ``(H, W)`` class map per image (zoo: ``head.predict``;
   torchvision: argmax of its ``out``, which it already upsamples to the input size);
 
 and prints images/s (from the median step time) and the zoo/torchvision ratio. On CUDA everything runs under bf16 autocast (losses in float32).
@@ -123,7 +123,7 @@ def bench_zoo(decoder: str, images: torch.Tensor, masks: torch.Tensor, args: arg
         return sum(head.loss(model(images)["seg"], masks).values())
 
     def infer_fn() -> list[dict[str, torch.Tensor]]:
-        return head.postprocess(model(images)["seg"], sizes)
+        return head.predict(model(images)["seg"], sizes)
 
     out = measure(model, loss_fn, infer_fn, args, device)
     del model

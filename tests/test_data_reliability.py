@@ -292,3 +292,30 @@ def test_check_command_passes_a_clean_dataset(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "problems: none" in out.stdout and "result: OK" in out.stdout
     assert "3 in the json, 3 usable" in out.stdout and f"{len(doc['annotations'])} in the json" in out.stdout
+
+
+def test_verify_images_option_reaches_the_coco_index(tmp_path: Path) -> None:
+    """``data.verify_images=true data.on_bad_annotation=skip``: a corrupt file is skipped when the data is built."""
+    from tests.conftest import compose
+    from zoo.config import TrainConfig, validate
+    from zoo.data.datamodule import datamodule_from_config
+
+    root = tmp_path / "ds"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train").mkdir()
+    images, anns = [], []
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, dtype=np.uint8)).save(root / "train" / f"{i}.jpg")
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": 32, "height": 32})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [4, 4, 10, 10], "area": 100,
+                     "iscrowd": 0})
+    (root / "train" / "1.jpg").write_bytes(b"\xff\xd8 not a jpeg at all")
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    cfg = validate(compose("train", ["data=coco", f"data.root={root}", "data.train_split=train", "data.val_split=train",
+                                     "data.num_workers=0",
+                                     "data.verify_images=true", "data.on_bad_annotation=skip"], output_dir=tmp_path),
+                   TrainConfig)
+    pre = {"input_size": [32, 32], "resize": "stretch", "mean": [0.5] * 3, "std": [0.5] * 3}
+    dm = datamodule_from_config(cfg.data, "detection", pre, stages=("train",))
+    assert len(dm.train_set) == 2

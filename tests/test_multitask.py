@@ -172,3 +172,12 @@ def test_typos_in_head_arguments_stop_the_run(tmp_path: Path) -> None:
                   output_dir=tmp_path)
     with pytest.raises(ConfigError, match="unknown head type"):
         train(cfg)
+
+
+def test_num_classes_and_data_extra_typos_are_not_silently_ignored(tmp_path: Path) -> None:
+    cfg = compose("train", ["experiment=shapes_cls", *SMALL, "++model.heads.cls.num_classes=3"], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"model.heads.cls.*num_classes=3.*6 classes"):
+        train(cfg)
+    cfg = compose("train", ["experiment=shapes_sim", *SMALL, "++data.extra.identiy=identity"], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="identiy"):
+        train(cfg)

@@ -76,10 +76,10 @@ class Visualize(pl.Callback):
     def __init__(self, n: int, folder: str | Path | None = None) -> None:
         self.n = int(n)
         self.folder = Path(folder) if folder else None
-        self._done = 0
+        self._done: dict[int, int] = {}
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._done = 0
+        self._done = {}  # per validation loader (each data source feeds its own heads)
 
     def _root(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
         if self.folder is not None:
@@ -89,7 +89,8 @@ class Visualize(pl.Callback):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.n <= 0 or self._done >= self.n or trainer.sanity_checking or not trainer.is_global_zero:
+        done = self._done.get(dataloader_idx, 0)
+        if self.n <= 0 or done >= self.n or trainer.sanity_checking or not trainer.is_global_zero:
             return
         if not isinstance(outputs, dict) or "raw" not in outputs:
             return
@@ -98,7 +99,7 @@ class Visualize(pl.Callback):
         model = pl_module.eval_model
         spec = model.spec
         several = len(model.heads) > 1
-        take = min(len(batch["images"]), self.n - self._done)
+        take = min(len(batch["images"]), self.n - done)
         with torch.no_grad():
             for name in outputs["heads"]:
                 head = model.heads[name]
@@ -119,4 +120,4 @@ class Visualize(pl.Callback):
                         continue
                     folder.mkdir(parents=True, exist_ok=True)
                     write_png(drawn, str(folder / f"{batch['image_ids'][i]}.png"))
-        self._done += take
+        self._done[dataloader_idx] = done + take

@@ -45,6 +45,9 @@ class DataConf:
     pin_memory: bool = True
     persistent_workers: bool = True
     on_bad_annotation: str = "raise"
+    #: decode every image when the COCO index is built: corrupt files are then found before training (and, with
+    #: on_bad_annotation=skip, skipped and counted like missing ones) instead of when a worker reaches them
+    verify_images: bool = False
     min_box_size: float = 1.0
     multilabel: bool = False
     augment: List[Any] = field(default_factory=list)

@@ -26,7 +26,8 @@ from PIL import Image
 from zoo.hub.api import load, model_meta
 from zoo.models import ZooModel
 from zoo.preprocess import (  # noqa: F401  (boxes/masks_to_original: re-exported for callers of zoo.predictor)
-    ResizeInfo, boxes_to_original, compute_resize, decode_rgb, masks_to_original, normalize, pad_batch, resize_image,
+    ResizeInfo, boxes_to_original, compute_resize, decode_rgb, masks_to_original, normalize, pad_batch, pil_to_rgb,
+    resize_image,
 )
 from zoo.results import Result, SemanticSegmentation
 
@@ -53,7 +54,7 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return decode_rgb(io.BytesIO(bytes(image)), f"the given bytes ({len(image)} bytes)")
     if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
+        return pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8:
             raise TypeError(f"image tensors must be uint8 (0..255) (3, H, W), got {image.dtype}; convert a 0..1 float "

@@ -67,6 +67,11 @@ def decode_rgb(src, what: str) -> np.ndarray:
         return _rgb8(_exif_upright(im))
 
 
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """An in-memory PIL image as :func:`decode_rgb` decodes files: EXIF Orientation applied, 16-bit grey scaled."""
+    return _rgb8(_exif_upright(im))
+
+
 def check_decodable(src, what: str) -> None:
     """Raise as :func:`decode_rgb` would if ``src`` cannot be decoded, at a fraction of the cost for JPEGs (decoded
     at 1/8 scale: every byte of the file is still read, so truncated and corrupt data are found)."""

@@ -198,7 +198,8 @@ def _coco_sets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], augment
         if not root.is_dir():
             raise FileNotFoundError(f"data.root={str(root)!r} does not exist")
     out: dict[str, Any] = {"root": str(root)}
-    kw = dict(on_bad=cfg.get("on_bad_annotation", "raise"), min_box_size=cfg.get("min_box_size", 1.0))
+    kw = dict(on_bad=cfg.get("on_bad_annotation", "raise"), min_box_size=cfg.get("min_box_size", 1.0),
+              verify_images=bool(cfg.get("verify_images", False)))
     indices = {}
     for stage in stages:
         split = cfg[f"{stage}_split"]
@@ -284,7 +285,8 @@ def _crops_sets(cfg, fmt, pre, augment, stages):
     identity = extra.get("identity", "category")
     crop_kw = dict(identity=identity, context=float(extra.get("context", 0.1)),
                    min_size=float(extra.get("min_size", 8.0)))
-    kw = dict(on_bad=cfg.get("on_bad_annotation", "raise"), min_box_size=cfg.get("min_box_size", 1.0))
+    kw = dict(on_bad=cfg.get("on_bad_annotation", "raise"), min_box_size=cfg.get("min_box_size", 1.0),
+              verify_images=bool(cfg.get("verify_images", False)))
     indices: dict[str, Any] = {}
     for stage in ("train", "val"):
         ann, img = resolve_coco_split(root, cfg[f"{stage}_split"], ann_file=cfg.get(f"{stage}_ann"),
@@ -344,10 +346,33 @@ DATASET_KINDS: dict[str, Callable] = {
 }
 
 
+#: Keys ``data.extra`` may hold, and what reads them (a key outside this list is a typo and stops the run).
+DATA_EXTRA_KEYS = {
+    "multiscale": "coco/shapes: training sizes drawn per image",
+    "class_names": "mask_folder: the class of each mask index",
+    "identity": "crops: 'category' or the annotation field holding the identity",
+    "context": "crops: box grown by this fraction on each side",
+    "min_size": "crops: smallest object side kept (px)",
+    "test_identity_fraction": "crops: identities held out for open-set retrieval",
+    "split_seed": "crops: seed of the identity split",
+}
+
+
+def check_data_extra(cfg: Mapping[str, Any]) -> None:
+    """Refuse unknown ``data.extra`` keys, naming them and the known ones."""
+    unknown = sorted(set(cfg.get("extra") or {}) - set(DATA_EXTRA_KEYS))
+    if unknown:
+        from zoo.config import ConfigError
+
+        known = ", ".join(f"{k} ({v})" for k, v in DATA_EXTRA_KEYS.items())
+        raise ConfigError(f"data.extra has unknown key(s) {unknown}; known keys: {known}")
+
+
 def build_datasets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], *, augment=None,
                    stages: Sequence[str] = ("train", "val")) -> dict[str, Any]:
     """Datasets for ``stages`` from a ``data`` config, for target format ``fmt`` with preprocessing ``pre``
     (``input_size``, ``resize``, ``mean``, ``std``)."""
+    check_data_extra(cfg)
     kind = cfg["kind"]
     if not isinstance(fmt, str) and kind not in ("shapes", "coco"):
         if len(fmt) != 1:

@@ -165,7 +165,7 @@ class Head(nn.Module):
         """Complete constructor ``kwargs`` from what the dataset says (``info``: ``class_names``, ...) and return
         the head's class names (``None`` for heads without classes). Default: ``num_classes`` from the classes."""
         names = list(info["class_names"])
-        kwargs["num_classes"] = len(names)
+        _set_num_classes(cls, kwargs, len(names), names)
         return names
 
     @classmethod
@@ -193,6 +193,16 @@ class Head(nn.Module):
     def export_description(self) -> dict[str, Any]:
         """What an export's ``model.json`` says about this head's outputs beyond their shapes."""
         return {}
+
+
+def _set_num_classes(cls: type, kwargs: dict[str, Any], n: int, names: Sequence[str]) -> None:
+    """``kwargs["num_classes"] = n``; a different value the user gave is an error, not silently replaced."""
+    given = kwargs.get("num_classes")
+    if given is not None and int(given) != n:
+        raise ValueError(f"{cls.type_name or cls.__name__}: num_classes={given} is set in the head's config, but the "
+                         f"data has {n} classes ({list(names)[:6]}{'...' if n > 6 else ''}); remove num_classes (it "
+                         "comes from the data) or use data with that many classes")
+    kwargs["num_classes"] = n
 
 
 class Neck(nn.Module):

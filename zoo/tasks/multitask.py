@@ -388,7 +388,7 @@ class MultiTask(ZooTask):
                     raise ConfigError(f"model.heads.{name}.input={src!r}: no such neck; necks are {sorted(necks)}")
             typ = hc.pop("type")
             try:
-                check_head_kwargs(hcls, {k: v for k, v in hc.items() if k != "num_classes"}, f"model.heads.{name}")
+                check_head_kwargs(hcls, hc, f"model.heads.{name}")
             except ValueError as err:
                 raise ConfigError(str(err)) from None
             heads[name] = {"type": typ, "input": src, **hc}
@@ -438,7 +438,10 @@ class MultiTask(ZooTask):
                                         train_batch_sampler=sampler if "train" in stages else None, seed=seed)
             for n in g["heads"]:
                 hcls = head_class(heads[n]["type"])
-                names = hcls.bind_data(heads[n], dm.info)
+                try:
+                    names = hcls.bind_data(heads[n], dm.info)
+                except ValueError as err:
+                    raise ConfigError(f"model.heads.{n}: {err}") from None
                 if names is not None:
                     class_names[n] = names
                 if dm.info.get("category_ids") is not None and hcls.result_kind != "embedding":

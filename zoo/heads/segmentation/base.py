@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from zoo.heads.base import Head
+from zoo.heads.base import Head, _set_num_classes
 from zoo.heads.layers import norm_layer
 from zoo.preprocess import IGNORE_INDEX
 from zoo.losses.segmentation import check_mask_targets, dice_loss, masked_cross_entropy
@@ -216,7 +216,7 @@ class SegmentationHead(Head):
         names = list(info["class_names"])
         if info.get("has_background", True):
             names = ["background", *names]
-        kwargs["num_classes"] = len(names)
+        _set_num_classes(cls, kwargs, len(names), names)
         return names
 
     def compute_loss(self, raw: Mapping[str, torch.Tensor], targets: Any,
