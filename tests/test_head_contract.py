@@ -96,6 +96,7 @@ def test_head_declares_the_contract(head_type: str) -> None:
     assert issubclass(cls, Head) and cls.type_name == head_type
     assert cls.result_kind in RESULT_KINDS and cls.target_format in TARGET_FORMATS
     assert isinstance(cls.exportable, bool) and cls.default_name and (cls.neck in (None, "fpn"))
+    assert cls.feature_levels and cls.describe()["type"] == head_type
     for call in ("forward", "compute_loss", "postprocess", "predict"):
         assert getattr(cls, call) is not getattr(Head, call) or call == "compute_loss" and cls.loss is not Head.loss, \
             f"{cls.__name__} does not implement {call}"

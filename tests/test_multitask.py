@@ -181,3 +181,38 @@ def test_num_classes_and_data_extra_typos_are_not_silently_ignored(tmp_path: Pat
     cfg = compose("train", ["experiment=shapes_sim", *SMALL, "++data.extra.identiy=identity"], output_dir=tmp_path)
     with pytest.raises(ConfigError, match="identiy"):
         train(cfg)
+
+
+def _task(**options):
+    from zoo.tasks.multitask import MultiTask
+
+    spec = {"backbone": {"name": "test_resnet"}, "input_size": [64, 64], "task": "multitask",
+            "heads": {"cls": {"type": "classification", "num_classes": 3},
+                      "seg": {"type": "semantic_fpn", "num_classes": 4, "channels": 16}},
+            "class_names": {"cls": ["a", "b", "c"], "seg": ["background", "a", "b", "c"]}}
+    return MultiTask(spec=spec, optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
+                     scheduler={"name": "none"}, options=options, init_weights=False)
+
+
+def test_per_head_learning_rates_and_phase_freezing(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = _task(heads={"cls": {"lr_mult": 10.0}, "seg": {"frozen_epochs": 2}}, freeze_backbone_epochs=1)
+    opt = task.configure_optimizers()
+    lr_of = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            lr_of[id(p)] = g["lr"]
+    assert all(lr_of[id(p)] == pytest.approx(1e-2) for p in task.model.heads["cls"].parameters())
+    assert all(lr_of[id(p)] == pytest.approx(1e-3) for p in task.model.heads["seg"].parameters())
+    for epoch, bb, seg in ((0, False, False), (1, True, False), (2, True, True)):
+        monkeypatch.setattr(type(task), "current_epoch", property(lambda self, e=epoch: e))
+        task.on_train_epoch_start()
+        assert all(p.requires_grad == bb for p in task.model.backbone.parameters()), epoch
+        assert all(p.requires_grad == seg for p in task.model.heads["seg"].parameters()), epoch
+        assert all(p.requires_grad for p in task.model.heads["cls"].parameters())
+
+
+def test_uncertainty_weights_are_learned_parameters() -> None:
+    task = _task(balance="uncertainty")
+    assert task.log_vars is not None and task.log_vars.shape == (2,)
+    opt = task.configure_optimizers()
+    assert any(p is task.log_vars for g in opt.param_groups for p in g["params"])

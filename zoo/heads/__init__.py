@@ -3,9 +3,10 @@
 plus one import line below. Only torch / torchvision are imported: this package is on the lean serving path."""
 
 from zoo.heads.base import (
-    Head, Neck, head_class, list_heads, list_necks, neck_class, register_head, register_neck,
+    Head, Neck, describe_heads, head_class, list_heads, list_necks, neck_class, register_head, register_neck,
 )
 from zoo.heads import classification, embedding, necks  # noqa: F401  (registration)
 from zoo.heads import detection, instance, segmentation  # noqa: F401  (registration)
 
-__all__ = ["Head", "Neck", "register_head", "register_neck", "head_class", "neck_class", "list_heads", "list_necks"]
+__all__ = ["Head", "Neck", "register_head", "register_neck", "head_class", "neck_class", "list_heads", "list_necks",
+           "describe_heads"]

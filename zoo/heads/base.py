@@ -24,6 +24,7 @@ head instead of keeping tables:
                     ``instance``, ``semantic``, ``similarity``); ``accepts`` lists every format it can train on
 ``default_name``    its key in ``ModelSpec.heads`` when it is a model's only head (``cls``, ``det``, ...)
 ``neck``            the neck it reads by default (``"fpn"``) or ``None`` for the backbone's levels
+``feature_levels``  which of those levels it uses (``"coarsest"``, ``"all"``, ``"strides 4-32"``, ...)
 ``exportable``      whether :meth:`export_outputs` traces to ONNX / TorchScript
 ``options``         the post-processing options :meth:`postprocess` takes (score_thresh, top_k, ...)
 ``training_keys``   config keys that configure training, not the architecture (loss weight, lr multiplier, ...)
@@ -57,7 +58,7 @@ from torch import nn
 
 __all__ = [
     "Head", "Neck", "register_head", "register_neck", "head_class", "neck_class", "list_heads", "list_necks",
-    "RESULT_KINDS", "TARGET_FORMATS", "COMMON_TRAINING_KEYS", "check_head_kwargs",
+    "RESULT_KINDS", "TARGET_FORMATS", "COMMON_TRAINING_KEYS", "check_head_kwargs", "describe_heads",
 ]
 
 #: What a head's ``postprocess`` can return.
@@ -89,6 +90,7 @@ class Head(nn.Module):
     accepts: ClassVar[tuple[str, ...]] = ()
     default_name: ClassVar[str] = "head"
     neck: ClassVar[str | None] = None
+    feature_levels: ClassVar[str] = ""
     exportable: ClassVar[bool] = True
     options: ClassVar[tuple[str, ...]] = ()
     training_keys: ClassVar[tuple[str, ...]] = ()
@@ -127,6 +129,15 @@ class Head(nn.Module):
     def postprocess(self, raw: Any, infos: Sequence[Any], **options: Any) -> list[Any]:  # pragma: no cover
         """One typed :mod:`zoo.results` object per image, in original pixels (``infos``: ResizeInfo per image)."""
         raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What the head declares, as a dict (for listings and docs)."""
+        return {"type": cls.type_name, "class": f"{cls.__module__}.{cls.__qualname__}", "result_kind": cls.result_kind,
+                "target_format": cls.target_format, "accepts": list(cls.accepts), "default_name": cls.default_name,
+                "neck": cls.neck, "feature_levels": cls.feature_levels, "exportable": cls.exportable,
+                "options": list(cls.options), "training_keys": list(cls.training_keys),
+                "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""}
 
     # ------------------------------------------------------------------ what the training side asks
     @property
@@ -279,6 +290,11 @@ def list_heads() -> list[str]:
     """Every registered head type, sorted."""
     _ensure_builtins()
     return sorted(_HEADS)
+
+
+def describe_heads() -> list[dict[str, Any]]:
+    """:meth:`Head.describe` of every registered head, sorted by type."""
+    return [head_class(n).describe() for n in list_heads()]
 
 
 def list_necks() -> list[str]:

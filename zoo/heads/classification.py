@@ -36,6 +36,7 @@ class ClassificationHead(Head):
     result_kind = "classification"
     target_format = "classification"
     default_name = "cls"
+    feature_levels = "one level (feature_level, default the coarsest)"
     options = ("top_k",)
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int] | None = None, *, num_classes: int,

@@ -105,6 +105,7 @@ class EmbeddingHead(Head):
     result_kind = "embedding"
     target_format = "similarity"
     default_name = "emb"
+    feature_levels = "one level (feature_level, default the coarsest)"
     training_keys = ("loss", "loss_kwargs", "m_per_class")
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int] | None = None, *,

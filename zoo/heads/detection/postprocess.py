@@ -101,6 +101,7 @@ class DetectionHead(Head):
     accepts = ("instance",)
     default_name = "det"
     neck = "fpn"
+    feature_levels = "every FPN level (P3-P7 by default)"
     options = DETECTION_OPTIONS
 
     post: dict[str, float | int]

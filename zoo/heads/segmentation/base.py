@@ -104,6 +104,7 @@ class SegmentationHead(Head):
     result_kind = "semantic"
     target_format = "semantic"
     default_name = "seg"
+    feature_levels = "in_levels (default: strides 4 to 32)"
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], *, num_classes: int, channels: int = 256,
                  dropout: float = 0.1, in_levels: Sequence[int] | None = None, norm: str | None = "gn",
