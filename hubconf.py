@@ -1,11 +1,11 @@
 """torch.hub entry points for the zoo.
 
-    model = torch.hub.load("<owner>/<repo>", "resnet10t_shapes_cls")          # a registered checkpoint
+    model = torch.hub.load("<owner>/<repo>", "test_resnet_shapes_cls")          # a registered checkpoint
     model = torch.hub.load("<owner>/<repo>", "load", "path/to/bundle")        # any bundle / name / URL
     model = torch.hub.load("/local/checkout", "load", "hf-hub:org/name", source="local")
 
 One entry per registered name (``zoo.list_models()``), its dots and dashes turned into underscores
-(``resnet10t.shapes_cls`` -> ``resnet10t_shapes_cls``). Entries return a :class:`zoo.models.ZooModel` in eval mode
+(``test_resnet.shapes_cls`` -> ``test_resnet_shapes_cls``). Entries return a :class:`zoo.models.ZooModel` in eval mode
 with ``model.bundle_meta`` (classes, preprocessing); ``pretrained=False`` gives the same architecture randomly
 initialised. Wrap a model in ``zoo.Predictor`` for typed results.
 """
@@ -35,7 +35,8 @@ def load(name_or_path: str, **kwargs: _Any):
 
 
 def _entry_name(name: str) -> str:
-    """A valid, public Python identifier for a registry name (``resnet10t.shapes_cls`` -> ``resnet10t_shapes_cls``)."""
+    """A valid, public Python identifier for a registry name
+    (``test_resnet.shapes_cls`` -> ``test_resnet_shapes_cls``)."""
     ident = _re.sub(r"\W", "_", name).strip("_") or "model"
     if ident[0].isdigit():
         ident = f"m_{ident}"

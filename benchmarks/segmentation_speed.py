@@ -55,6 +55,21 @@ def build_torchvision(num_classes: int) -> torch.nn.Module:
     return deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
 
 
+def _freeze_pooling_norms(model: torch.nn.Module) -> None:
+    """Put the BatchNorm layers of torchvision's ASPP pooling branch in eval mode, now and after every
+    ``model.train()`` (a forward pre-hook on each of them)."""
+    from torchvision.models.segmentation.deeplabv3 import ASPPPooling
+
+    def keep_eval(module: torch.nn.Module, _inputs: Any) -> None:
+        module.eval()
+
+    for m in model.modules():
+        if isinstance(m, ASPPPooling):
+            for bn in m.modules():
+                if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+                    bn.register_forward_pre_hook(keep_eval)
+
+
 def random_batch(batch: int, size: int, num_classes: int, device: torch.device, seed: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised-looking images ``(B, 3, S, S)`` and masks ``(B, S, S)`` int64 (labels ``0..K-1``, 5% 255)."""
@@ -120,7 +135,7 @@ def bench_zoo(decoder: str, images: torch.Tensor, masks: torch.Tensor, args: arg
     sizes = [tuple(images.shape[-2:])] * images.shape[0]
 
     def loss_fn() -> torch.Tensor:
-        return sum(head.loss(model(images)["seg"], masks).values())
+        return sum(head.compute_loss(model(images)["seg"], masks).values())
 
     def infer_fn() -> list[dict[str, torch.Tensor]]:
         return head.predict(model(images)["seg"], sizes)
@@ -134,6 +149,11 @@ def bench_torchvision(images: torch.Tensor, masks: torch.Tensor, args: argparse.
                       device: torch.device) -> dict[str, float]:
     torch.manual_seed(0)
     model = build_torchvision(args.num_classes).to(device)
+    if images.shape[0] == 1:
+        # ASPP's image-pooling branch batch-normalises a (B, 256, 1, 1) map: with one image there is one value per
+        # channel and train-mode BatchNorm refuses it. Keep that branch's BatchNorm in eval mode (running
+        # statistics), as DeepLab recipes do with small batches; the rest of the model trains as usual.
+        _freeze_pooling_norms(model)
 
     def loss_fn() -> torch.Tensor:
         return F.cross_entropy(model(images)["out"].float(), masks, ignore_index=255)

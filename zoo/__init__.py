@@ -5,7 +5,7 @@ safetensors)::
 
     zoo.create_model(spec)            # a ZooModel from a ModelSpec / dict
     zoo.list_models("*det*")          # named checkpoints
-    model = zoo.load("resnet10t.shapes_cls")   # a name, a bundle folder/file, a URL or hf-hub:org/name
+    model = zoo.load("test_resnet.shapes_cls")   # a name, a bundle folder/file, a URL or hf-hub:org/name
     zoo.Predictor(model)(["a.jpg"])   # typed results
 """
 

@@ -1,21 +1,26 @@
 """Lightning callbacks of the zoo's own: drawing validation predictions.
 
-:class:`Visualize` draws the first ``n`` validation images of every epoch with each head's predictions (and the
-ground truth where the head has one) into ``<run>/visualizations/`` (``<run>/visualizations/<head>/`` when the model
-has several heads). It reads what the task's ``validation_step`` returns (``{"raw", "heads"}``), so it costs no
-extra forward pass, and asks each head for its predictions in input pixels (``Head.predict``), so a new head is
-drawn by kind without editing this file.
+:class:`Visualize` draws the first ``n`` validation images of every epoch with each head's predictions beside the
+ground truth (where the head has one) into ``<run>/visualizations/`` (``<run>/visualizations/<head>/`` when the
+model has several heads): left panel ground truth, right panel prediction, both at the image's original resolution
+(boxes with ``"<class> <score>"`` labels, line width scaled to the image). It reads what the task's
+``validation_step`` returns (``{"raw", "heads"}``), so it costs no extra forward pass, and asks each head for its
+typed results (``Head.postprocess``, drawn by their ``plot()``), so a new head is drawn by kind without editing this
+file. ``draw_prediction`` is the older one-panel drawing at input resolution.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-__all__ = ["Visualize", "draw_prediction"]
+__all__ = ["Visualize", "draw_prediction", "EpochSummary", "ZooModelSummary", "emit", "progress_logger"]
 
 #: Predictions below this score are not drawn (detection / instance).
 DRAW_SCORE = 0.3
@@ -71,11 +76,13 @@ class Visualize(pl.Callback):
     Args:
         n: images per epoch (0 disables).
         folder: where to write (default ``<output_dir or trainer.default_root_dir>/visualizations``).
+        score_thresh: detections / instances scoring below this are not drawn (``callbacks.visualize_score_thresh``).
     """
 
-    def __init__(self, n: int, folder: str | Path | None = None) -> None:
+    def __init__(self, n: int, folder: str | Path | None = None, score_thresh: float = DRAW_SCORE) -> None:
         self.n = int(n)
         self.folder = Path(folder) if folder else None
+        self.score_thresh = float(score_thresh)
         self._done: dict[int, int] = {}
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -94,30 +101,226 @@ class Visualize(pl.Callback):
             return
         if not isinstance(outputs, dict) or "raw" not in outputs:
             return
-        from torchvision.io import write_png
+        from PIL import Image
+
+        from zoo.metrics.evaluators import batch_infos
 
         model = pl_module.eval_model
         spec = model.spec
         several = len(model.heads) > 1
         take = min(len(batch["images"]), self.n - done)
+        infos = batch_infos(batch)
+        post = dict((getattr(pl_module, "options", {}) or {}).get("postprocess") or {})
         with torch.no_grad():
+            images = [_original_image(batch["images"][i], infos[i], spec.mean, spec.std) for i in range(take)]
             for name in outputs["heads"]:
                 head = model.heads[name]
+                if head.result_kind == "embedding":
+                    continue
                 try:
-                    preds = head.predict(outputs["raw"][name], batch["image_sizes"])
+                    opts = {k: v for k, v in post.items() if k in head.options}
+                    results = head.postprocess(outputs["raw"][name], infos, **opts)
                 except NotImplementedError:
                     continue
                 targets = head.batch_targets(batch)
+                names = list(head.class_names or []) or [str(i) for i in range(int(getattr(head, "num_classes", 0)))]
                 folder = self._root(trainer, pl_module) / (name if several else "")
                 for i in range(take):
-                    img = _image_uint8(batch["images"][i], batch["image_sizes"][i], spec.mean, spec.std)
-                    tgt = None
-                    if targets is not None and head.result_kind != "embedding":
-                        tgt = targets[i]
-                    pred = preds[i] if not isinstance(preds, torch.Tensor) else None
-                    drawn = draw_prediction(head.result_kind, img, pred, tgt, list(head.class_names or []))
-                    if drawn is None:
-                        continue
+                    pred = _plot(results[i], images[i], self.score_thresh)
+                    truth = None
+                    if targets is not None:
+                        truth = _plot_truth(head.result_kind, targets[i], infos[i], images[i], names,
+                                            bool(getattr(head, "multilabel", False)))
+                    if truth is not None:
+                        from zoo.drawing import side_by_side
+
+                        drawn = side_by_side([truth, pred], ["ground truth", "prediction"])
+                    else:
+                        drawn = pred
                     folder.mkdir(parents=True, exist_ok=True)
-                    write_png(drawn, str(folder / f"{batch['image_ids'][i]}.png"))
+                    Image.fromarray(drawn).save(folder / f"{batch['image_ids'][i]}.png")
         self._done[dataloader_idx] = done + take
+
+
+def _original_image(img: torch.Tensor, info: Any, mean: list[float], std: list[float]):
+    """The validation image back at its original size, ``(H, W, 3)`` uint8 (the resized input, scaled up)."""
+    import torch.nn.functional as F
+
+    x = _image_uint8(img, tuple(info.size), mean, std)
+    if tuple(x.shape[-2:]) != tuple(info.orig_size):
+        x = F.interpolate(x[None].float(), size=tuple(info.orig_size), mode="bilinear", align_corners=False,
+                          antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+    return x.permute(1, 2, 0).contiguous().numpy()
+
+
+def _plot(result: Any, image: Any, score_thresh: float):
+    """A typed result drawn on its image (detections below ``score_thresh`` left out)."""
+    from zoo.results import Detections
+
+    if isinstance(result, Detections):
+        return result.plot(image, score_thresh=score_thresh)
+    return result.plot(image)
+
+
+def _plot_truth(kind: str, target: Any, info: Any, image: Any, names: list[str], multilabel: bool):
+    """The ground truth of one validation image drawn at its original resolution, or ``None``."""
+    from zoo.drawing import class_color, draw_banner
+    from zoo.preprocess import boxes_to_original, masks_to_original
+    from zoo.results import Detections, InstanceSegmentation, SemanticSegmentation
+
+    name = (lambda i: names[i] if 0 <= i < len(names) else str(i))
+    if kind == "classification":
+        t = torch.as_tensor(target)
+        ids = torch.nonzero(t > 0.5).flatten().tolist() if multilabel else ([int(t)] if int(t) >= 0 else [])
+        if not ids:
+            return draw_banner(image, ["(no label)"])
+        return draw_banner(image, [name(i) for i in ids], [class_color(i) for i in ids])
+    if kind in ("detection", "instance") and isinstance(target, dict):
+        boxes = torch.as_tensor(target.get("boxes", torch.zeros(0, 4))).float().cpu().reshape(-1, 4)
+        labels = torch.as_tensor(target.get("labels", torch.zeros(0))).long().cpu().reshape(-1)
+        fields = dict(boxes=boxes_to_original(boxes, info), scores=torch.ones(len(labels)), labels=labels,
+                      names=[name(int(i)) for i in labels.tolist()], category_ids=None,
+                      image_size=tuple(info.orig_size))
+        masks = target.get("masks")
+        if kind == "instance" and masks is not None and len(masks) == len(labels):
+            res = InstanceSegmentation(**fields, masks=masks_to_original(torch.as_tensor(masks).float().cpu(), info))
+        else:
+            res = Detections(**fields)
+        return res.plot(image, show_scores=False)
+    if kind == "semantic" and isinstance(target, torch.Tensor) and target.dim() == 2:
+        import torch.nn.functional as F
+
+        h, w = info.size
+        m = target[:h, :w].long().cpu()
+        m = F.interpolate(m[None, None].float(), size=tuple(info.orig_size), mode="nearest")[0, 0].long()
+        return SemanticSegmentation(mask=m, class_names=names).plot(image)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- progress lines
+#: zoo's own progress (one line per epoch, the model summary, final tables): under Hydra it reaches the job's log file
+#: (``train.log`` / ``evaluate.log``), and the console when the progress bar is off.
+progress_logger = logging.getLogger("zoo.progress")
+progress_logger.setLevel(logging.INFO)
+
+
+class _NotOnConsole(logging.Filter):
+    """On console handlers: drop progress records marked for the log file only (the progress bar shows them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "zoo_console", True)
+
+
+def _is_console(h: logging.Handler) -> bool:
+    return (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and getattr(getattr(h, "stream", None), "name", None) in ("<stdout>", "<stderr>"))
+
+
+def _handlers(logger: logging.Logger) -> list[logging.Handler]:
+    out: list[logging.Handler] = []
+    lg: logging.Logger | None = logger
+    while lg is not None:
+        out += lg.handlers
+        lg = lg.parent if lg.propagate else None
+    return out
+
+
+def emit(text: str, console: bool = True) -> None:
+    """Log ``text`` to zoo's progress logger (the run's log file under Hydra) and, when ``console``, show it on the
+    console: through a console log handler when one is configured (Hydra's), else with ``print``."""
+    handlers = _handlers(progress_logger)
+    for h in handlers:
+        if _is_console(h) and not any(isinstance(f, _NotOnConsole) for f in h.filters):
+            h.addFilter(_NotOnConsole())
+    progress_logger.info(text, extra={"zoo_console": bool(console)})
+    if console and not any(_is_console(h) for h in handlers):
+        print(text, flush=True)
+
+
+def _scalar(v: Any) -> float | None:
+    try:
+        f = float(v.item() if isinstance(v, torch.Tensor) else v)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class EpochSummary(pl.Callback):
+    """One line per epoch with the main metrics (the task's ``progress_keys()``: training loss, validation losses
+    and each head's main metric), sent to :func:`emit` (the run's log file; the console too when ``console``, i.e.
+    with the progress bar off). A ``trainer.validate`` (final evaluation, evaluate.py) gets one line as well. Every
+    scalar logged at an epoch end is kept in :attr:`history` (``{key: {epoch: value}}``) for the training curves.
+    """
+
+    def __init__(self, console: bool = True) -> None:
+        self.console = bool(console)
+        self.history: dict[str, dict[int, float]] = {}
+        self._t0 = time.perf_counter()
+
+    @staticmethod
+    def _keys(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        keys = list(pl_module.progress_keys()) if hasattr(pl_module, "progress_keys") else []
+        return keys or sorted(k for k in trainer.callback_metrics if k.startswith(("train/", "val/")))
+
+    @staticmethod
+    def _value(metrics: Any, key: str) -> float | None:
+        for k in (f"{key}_epoch", key):
+            if k in metrics:
+                return _scalar(metrics[k])
+        return None
+
+    def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        m = trainer.callback_metrics
+        parts = []
+        for k in self._keys(trainer, pl_module):
+            v = self._value(m, k)
+            if v is not None:
+                parts.append(f"{k} {v:.4f}")
+        return ", ".join(parts)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        epoch = int(trainer.current_epoch)
+        for k, v in trainer.callback_metrics.items():
+            f = _scalar(v)
+            if f is not None and not k.endswith("_step"):
+                self.history.setdefault(k[:-6] if k.endswith("_epoch") else k, {})[epoch] = f
+        if not trainer.is_global_zero:
+            return
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        emit(f"epoch {epoch + 1}/{total}: {self._line(trainer, pl_module)} ({time.perf_counter() - self._t0:.1f} s)",
+             console=self.console)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(trainer.state.fn, "value", trainer.state.fn) != "validate" or not trainer.is_global_zero:
+            return
+        emit(f"validation: {self._line(trainer, pl_module)}", console=False)
+        report = getattr(pl_module, "last_eval_report", None) or {}
+        if isinstance(report, dict) and report.get("table"):
+            emit(str(report["table"]), console=False)
+
+
+def _model_summary_base():
+    from lightning.pytorch.callbacks import ModelSummary
+
+    return ModelSummary
+
+
+class ZooModelSummary(_model_summary_base()):
+    """Lightning's ModelSummary (``max_depth`` levels of modules with their parameter counts) at the start of
+    fitting, shown through :func:`emit`, so that it also lands in the run's log file."""
+
+    def __init__(self, max_depth: int = 2) -> None:
+        super().__init__(max_depth=max_depth)
+        self.depth = int(max_depth)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.depth or not trainer.is_global_zero:
+            return
+        from lightning.pytorch.utilities.model_summary import summarize
+
+        emit("model summary\n" + str(summarize(pl_module, max_depth=self.depth)), console=True)

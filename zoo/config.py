@@ -54,6 +54,10 @@ class DataConf:
     min_visibility: float = 0.3
     limit_train_images: Optional[int] = None
     limit_val_images: Optional[int] = None
+    #: image_folder / mask_folder: hold out this fraction of <root>/<train_split> (or of a flat <root>) for
+    #: validation when there is no <root>/<val_split>; stratified by class for image_folder, seeded by val_seed
+    val_fraction: Optional[float] = None
+    val_seed: int = 0
     shapes: ShapesConf = field(default_factory=ShapesConf)
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -146,9 +150,10 @@ class TrainerConf:
     max_epochs: int = 10
     max_steps: int = -1
     min_epochs: Optional[int] = None
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
-    val_check_interval: Optional[float] = None
+    #: as in Lightning: an integer is a number of batches (1 = one batch), a float a fraction (1.0 = all)
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    val_check_interval: Any = None
     check_val_every_n_epoch: int = 1
     gradient_clip_val: Optional[float] = None
     accumulate_grad_batches: int = 1
@@ -197,6 +202,10 @@ class CallbacksConf:
     lr_monitor: bool = True
     progress_bar: str = "tqdm"
     visualize: int = 0
+    #: detections / instances scoring below this are not drawn in the visualisations
+    visualize_score_thresh: float = 0.3
+    #: module levels shown by the model summary at the start of training (0: no summary)
+    model_summary_depth: int = 2
     #: a NaN/inf training loss or gradients: stop (error naming the step and image ids), skip (that optimizer step), off
     nonfinite: str = "stop"
     #: with nonfinite=skip, stop anyway after this many skipped steps (0: never)
@@ -204,8 +213,30 @@ class CallbacksConf:
 
 
 @dataclass
+class WandbConf:
+    #: W&B project (default: task_name); runs are written offline into <run>/wandb unless offline=false
+    project: Optional[str] = None
+    name: Optional[str] = None
+    entity: Optional[str] = None
+    offline: bool = True
+    log_model: bool = False
+
+
+@dataclass
+class MLflowConf:
+    #: MLflow experiment (default: task_name)
+    experiment_name: Optional[str] = None
+    run_name: Optional[str] = None
+    #: default: a file: URI of <run>/mlruns (local, no server)
+    tracking_uri: Optional[str] = None
+
+
+@dataclass
 class LoggerConf:
+    #: any of csv, tensorboard, wandb, mlflow (wandb and mlflow need their pip packages)
     names: List[str] = field(default_factory=lambda: ["csv"])
+    wandb: WandbConf = field(default_factory=WandbConf)
+    mlflow: MLflowConf = field(default_factory=MLflowConf)
 
 
 @dataclass
@@ -219,6 +250,9 @@ class TrainConfig:
     task_name: str = "train"
     seed: int = 42
     ckpt_path: Optional[str] = None
+    #: start a new run from trained weights: a bundle folder (or its model.json / model.safetensors), a zoo .ckpt
+    #: or a registered name (zoo.list_models()); backbone, necks and matching heads are loaded (zoo.transfer)
+    init_from: Optional[str] = None
     run_eval: bool = True
     export_bundle: bool = True
     data: DataConf = field(default_factory=DataConf)
@@ -263,6 +297,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Keys that are a number of batches (int) or a fraction (float), as in Lightning.
+BATCH_COUNT_KEYS = ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.val_check_interval")
+
+
 def _valid_keys(schema: Any, dotted: str) -> list[str]:
     node = schema
     for part in [p for p in dotted.split(".")[:-1] if p]:
@@ -304,6 +342,14 @@ def validate(cfg: DictConfig, schema_cls: type = TrainConfig) -> DictConfig:
         val = OmegaConf.select(merged, dotted, default=None)
         if val is not None and str(val) not in choices:
             raise ConfigError(f"config error at '{dotted}': {val!r} is not one of {', '.join(choices)}")
+    for dotted in BATCH_COUNT_KEYS:
+        val = OmegaConf.select(merged, dotted, default=None)
+        if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0):
+            raise ConfigError(f"config error at '{dotted}': {val!r} must be a number of batches (an integer, 1 = one "
+                              "batch) or a fraction (a float, 1.0 = all)")
+    frac = OmegaConf.select(merged, "data.val_fraction", default=None)
+    if frac is not None and not 0.0 < float(frac) < 1.0:
+        raise ConfigError(f"config error at 'data.val_fraction': {frac} must be between 0 and 1 (e.g. 0.2), or null")
     return merged
 
 
@@ -335,11 +381,23 @@ def run_id(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
     return f"{now.strftime(pattern)}_{now.microsecond:06d}-{os.getpid()}"
 
 
+def config_groups(*groups: str) -> str:
+    """``group: option, option, ...`` lines for the given groups of the repository's ``conf/`` folder (the
+    ``--help`` of evaluate.py lists only the groups evaluation takes, ``${zoo.groups:data,trainer,paths}``)."""
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    return "\n".join(f"{g}: {', '.join(sorted(p.stem for p in (conf / g).glob('*.yaml')))}" for g in groups)
+
+
 def register_resolvers() -> None:
     """Register ``${zoo.run_id:<strftime pattern>}`` (see :func:`run_id`), used by ``conf/hydra/default.yaml``.
-    Cached like Hydra's ``now``: one value per run, and the same for every job of a sweep."""
+    Cached like Hydra's ``now``: one value per run, and the same for every job of a sweep. And
+    ``${zoo.groups:<group>,...}`` (:func:`config_groups`)."""
     if not OmegaConf.has_resolver("zoo.run_id"):
         OmegaConf.register_new_resolver("zoo.run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("zoo.groups"):
+        OmegaConf.register_new_resolver("zoo.groups", config_groups)
 
 
 register_configs()

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from zoo.config import EvalConfig, to_container, validate
-from zoo.training import build_trainer, format_metrics, quiet_lightning
+from zoo.training import build_trainer, check_accelerator, format_metrics, quiet_lightning
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     Writes ``metrics.json`` into ``paths.output_dir`` and prints a metrics table. Returns ``{"metrics": ...}``.
     """
     cfg = validate(cfg, EvalConfig)
+    check_accelerator(cfg.trainer)
     quiet_lightning()
     out_dir = Path(cfg.paths.output_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

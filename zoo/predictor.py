@@ -1,6 +1,6 @@
 """``Predictor``: images in, typed results out, with exactly the preprocessing evaluation uses.
 
-    predictor = zoo.Predictor("resnet10t.shapes_cls")            # or a loaded ZooModel / a bundle path
+    predictor = zoo.Predictor("test_resnet.shapes_cls")            # or a loaded ZooModel / a bundle path
     [result] = predictor("cat.jpg")                               # zoo.results.Classification
     results = predictor([pil_image, numpy_rgb, uint8_chw_tensor])
 

@@ -1,7 +1,11 @@
 """Typed per-image results returned by :class:`zoo.Predictor`.
 
 Every result holds CPU tensors in the *original* image's pixel frame and offers ``to_dict()``, a JSON-able form for
-services (plain lists, floats, ints and strings). Only torch and numpy are imported here (serving path).
+services (plain lists, floats, ints and strings), ``plot(image)`` (the result drawn on the image it was predicted on:
+an ``(H, W, 3)`` uint8 array, or a PIL image with ``pil=True``) and ``save(path, image=None)`` (``.json``: the
+``to_dict()`` form; ``.png``/``.jpg``/...: the drawing; ``.npy``: the embedding vector or the class map; a semantic
+result saved as ``.png`` without an image is its class-index mask). Only torch, numpy and PIL are imported here
+(serving path); the drawing code is :mod:`zoo.drawing`.
 
 ================================ =====================================================================
 :class:`Classification`          top-k class names / scores / ids and the full probability vector
@@ -14,7 +18,9 @@ services (plain lists, floats, ints and strings). Only torch and numpy are impor
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,36 @@ __all__ = [
     "mask_to_rle",
     "rle_to_mask",
 ]
+
+
+#: File suffixes :meth:`save` writes as pictures.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _as_output(arr: np.ndarray, pil: bool) -> Any:
+    if pil:
+        from PIL import Image
+
+        return Image.fromarray(arr)
+    return arr
+
+
+def _save(result: Any, path: str | Path, image: Any, plot_kwargs: dict[str, Any]) -> Path:
+    """What every result's ``save`` does for ``.json`` and picture suffixes (``plot`` then write)."""
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".json":
+        p.write_text(json.dumps(result.to_dict()), encoding="utf-8")
+    elif suffix in IMAGE_SUFFIXES:
+        from PIL import Image
+
+        img = Image.fromarray(result.plot(image, **plot_kwargs))
+        img.save(p, quality=92) if suffix in (".jpg", ".jpeg") else img.save(p)
+    else:
+        raise ValueError(f"cannot save a {type(result).__name__} as {p.name!r}: use .json or a picture suffix "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    return p
 
 
 def _floats(t: torch.Tensor | list[float], ndigits: int | None = None) -> list[float]:
@@ -110,6 +146,22 @@ class Classification:
                 "label_ids": [int(i) for i in self.label_ids], "probs": _floats(self.probs),
                 "multilabel": bool(self.multilabel)}
 
+    def plot(self, image: Any, *, top_k: int = 3, font_size: int | None = None, pil: bool = False) -> Any:
+        """``image`` with the ``top_k`` classes and their scores written at its top-left, each line in its class
+        colour (``image``: a path, PIL image, ``(H, W, 3)`` uint8 array or ``(3, H, W)`` uint8 tensor)."""
+        from zoo.drawing import as_rgb, class_color, draw_banner
+
+        if image is None:
+            raise ValueError("Classification.plot needs the image that was classified")
+        k = max(1, int(top_k))
+        lines = [f"{n} {float(s):.2f}" for n, s in zip(self.labels[:k], self.scores[:k])]
+        colors = [class_color(int(i)) for i in self.label_ids[:k]]
+        return _as_output(draw_banner(as_rgb(image), lines, colors, font_size=font_size), pil)
+
+    def save(self, path: str | Path, image: Any = None, **plot_kwargs: Any) -> Path:
+        """``.json``: :meth:`to_dict`; a picture suffix: :meth:`plot` on ``image``. Returns the path."""
+        return _save(self, path, image, plot_kwargs)
+
 
 @dataclass(eq=False)
 class Detections:
@@ -160,6 +212,50 @@ class Detections:
                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
         return out
 
+    def _draw_under(self, canvas: np.ndarray, keep: torch.Tensor) -> np.ndarray:
+        """What is drawn below the boxes (instance masks); nothing for plain detections."""
+        return canvas
+
+    def plot(self, image: Any = None, *, score_thresh: float | None = None, max_boxes: int | None = None,
+             show_scores: bool = True, line_width: int | None = None, font_size: int | None = None,
+             dashed: bool = False, pil: bool = False) -> Any:
+        """The detections drawn on ``image`` at its resolution (the original image: boxes are in its pixels; a grey
+        canvas of ``image_size`` when ``image`` is None): one box per detection in its class colour with a filled
+        ``"<class> <score>"`` label; line width and font scale with the image.
+
+        Args:
+            image: a path, PIL image, ``(H, W, 3)`` uint8 array or ``(3, H, W)`` uint8 tensor of ``image_size``.
+            score_thresh: draw only detections scoring at least this. max_boxes: at most this many (best first).
+            show_scores: put the score after the class name. dashed: dashed outlines (for ground truth).
+            line_width, font_size: override the scaled defaults. pil: return a PIL image instead of an array.
+        """
+        from zoo.drawing import as_rgb, draw_boxes
+
+        canvas = as_rgb(image, self.image_size)
+        if image is not None and tuple(canvas.shape[:2]) != tuple(int(v) for v in self.image_size):
+            raise ValueError(f"these detections are for an image of {self.image_size[0]}x{self.image_size[1]} "
+                             f"(H x W) but the image given is {canvas.shape[0]}x{canvas.shape[1]}: draw on the "
+                             "image that was predicted on")
+        keep = torch.ones(len(self), dtype=torch.bool)
+        if score_thresh is not None and len(self):
+            keep &= self.scores.float().cpu() >= float(score_thresh)
+        idx = torch.nonzero(keep).flatten()
+        if max_boxes is not None:
+            idx = idx[: int(max_boxes)]
+        keep = torch.zeros_like(keep)
+        keep[idx] = True
+        canvas = self._draw_under(canvas, keep)
+        labels = self.labels[idx].tolist()
+        texts = [f"{self.names[i]} {float(self.scores[i]):.2f}" if show_scores else self.names[i] for i in idx.tolist()]
+        out = draw_boxes(canvas, self.boxes[idx], labels, texts, line_width=line_width, font_size=font_size,
+                         dashed=dashed)
+        return _as_output(out, pil)
+
+    def save(self, path: str | Path, image: Any = None, **plot_kwargs: Any) -> Path:
+        """``.json``: :meth:`to_dict`; a picture suffix: :meth:`plot` (on ``image``, or a blank canvas). Returns
+        the path."""
+        return _save(self, path, image, plot_kwargs)
+
 
 @dataclass(eq=False)
 class InstanceSegmentation(Detections):
@@ -191,6 +287,13 @@ class InstanceSegmentation(Detections):
             entry["segmentation"] = mask_to_rle(m)
         return out
 
+    def _draw_under(self, canvas: np.ndarray, keep: torch.Tensor) -> np.ndarray:
+        from zoo.drawing import overlay_masks
+
+        if not bool(keep.any()):
+            return canvas
+        return overlay_masks(canvas, self.masks[keep], self.labels[keep].tolist())
+
 
 @dataclass(eq=False)
 class SemanticSegmentation:
@@ -215,6 +318,50 @@ class SemanticSegmentation:
         return {"type": "semantic", "mask": self.mask.to(torch.int64).tolist(), "class_names": list(self.class_names),
                 "size": [int(self.mask.shape[0]), int(self.mask.shape[1])], "present": self.present()}
 
+    def plot(self, image: Any = None, *, alpha: float = 0.5, legend: bool = True, show_background: bool = False,
+             font_size: int | None = None, pil: bool = False) -> Any:
+        """The class map blended over ``image`` (each class in its colour; class 0 is left clear when it is named
+        ``background`` unless ``show_background``), with a legend of the classes present, largest first. Without
+        an image: the colour map alone."""
+        from zoo.drawing import as_rgb, class_color, colorize_classes, draw_banner
+
+        skip = [0] if self.class_names[:1] == ["background"] and not show_background else []
+        rgb, colored = colorize_classes(self.mask, skip)
+        if image is None:
+            out = rgb
+        else:
+            out = as_rgb(image).astype(np.float32)
+            if out.shape[:2] != rgb.shape[:2]:
+                raise ValueError(f"this mask is {rgb.shape[0]}x{rgb.shape[1]} (H x W) but the image given is "
+                                 f"{out.shape[0]}x{out.shape[1]}: draw on the image that was predicted on")
+            out[colored] = out[colored] * (1 - alpha) + rgb[colored].astype(np.float32) * alpha
+            out = out.round().clip(0, 255).astype(np.uint8)
+        if legend:
+            ids, counts = torch.unique(self.mask, return_counts=True)
+            order = [int(i) for i, _ in sorted(zip(ids.tolist(), counts.tolist()), key=lambda t: -t[1])
+                     if int(i) not in skip and 0 <= int(i) < 255][:8]
+            names = [self.class_names[i] if i < len(self.class_names) else str(i) for i in order]
+            if names:
+                out = draw_banner(out, names, [class_color(i) for i in order], font_size=font_size)
+        return _as_output(out, pil)
+
+    def save(self, path: str | Path, image: Any = None, **plot_kwargs: Any) -> Path:
+        """``.png`` without ``image``: the class-index mask (8-bit, 16-bit above 255 classes); ``.npy``: the mask
+        array; ``.json``: :meth:`to_dict`; a picture suffix with ``image``: :meth:`plot`. Returns the path."""
+        p = Path(path).expanduser()
+        if p.suffix.lower() == ".npy":
+            p.parent.mkdir(parents=True, exist_ok=True)
+            np.save(p, self.mask.cpu().numpy())
+            return p
+        if p.suffix.lower() == ".png" and image is None:
+            from PIL import Image
+
+            p.parent.mkdir(parents=True, exist_ok=True)
+            m = self.mask.cpu().numpy()
+            Image.fromarray(m.astype(np.uint8 if m.size == 0 or m.max() < 256 else np.uint16)).save(p)
+            return p
+        return _save(self, p, image, plot_kwargs)
+
 
 @dataclass(eq=False)
 class Embedding:
@@ -233,6 +380,23 @@ class Embedding:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: ``vector`` (list of D floats) and ``dim``."""
         return {"type": "embedding", "vector": _floats(self.vector), "dim": self.dim}
+
+    def plot(self, image: Any, *, font_size: int | None = None, pil: bool = False) -> Any:
+        """``image`` with a caption naming the embedding's size (an embedding has nothing to draw)."""
+        from zoo.drawing import as_rgb, draw_banner
+
+        if image is None:
+            raise ValueError("Embedding.plot needs the image that was embedded")
+        return _as_output(draw_banner(as_rgb(image), [f"embedding, {self.dim} dims"], font_size=font_size), pil)
+
+    def save(self, path: str | Path, image: Any = None, **plot_kwargs: Any) -> Path:
+        """``.npy``: the vector (float32); ``.json``: :meth:`to_dict`; a picture suffix: :meth:`plot`."""
+        p = Path(path).expanduser()
+        if p.suffix.lower() == ".npy":
+            p.parent.mkdir(parents=True, exist_ok=True)
+            np.save(p, self.vector.detach().cpu().float().numpy())
+            return p
+        return _save(self, p, image, plot_kwargs)
 
 
 #: Any per-head result.

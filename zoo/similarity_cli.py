@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
-from zoo.similarity_index import EmbeddingIndex
+from zoo.similarity_index import EmbeddingIndex, weights_digest
 
 __all__ = ["embed_images", "search_images", "embed_main", "search_main", "collect_images"]
 
@@ -48,6 +49,16 @@ def _embedding_head(predictor) -> str:
     return heads[0]
 
 
+def _model_name(model, predictor) -> str:
+    """What the index records as its model: the reference given (a registered name, or a path made absolute), or
+    for a model object the bundle it was loaded from."""
+    if isinstance(model, (str, os.PathLike)):
+        ref = os.fspath(model)
+        return str(Path(ref).expanduser().resolve()) if Path(ref).expanduser().exists() else ref
+    path = getattr(predictor.model, "bundle_path", None)
+    return str(path) if path else str(predictor.meta.get("name") or "")
+
+
 def _vectors(predictor, head: str, images: Iterable, progress: bool = True) -> torch.Tensor:
     items = list(images)
     bs = predictor.batch_size
@@ -77,20 +88,22 @@ def embed_images(model, images: Sequence[str | Path], *, batch_size: int = 32, d
     paths = [Path(p) for p in images]
     emb = _vectors(pred, head, [str(p) for p in paths], progress)
     ids = [str(p.relative_to(relative_to)) if relative_to else str(p) for p in paths]
-    meta = {"model": pred.meta.get("name") or str(getattr(pred.model, "bundle_source", "")), "head": head,
+    meta = {"model": _model_name(model, pred), "weights_sha256": weights_digest(pred.model), "head": head,
             "dim": int(emb.shape[1])}
     return EmbeddingIndex(emb, ids, meta)
 
 
 def search_images(model, index: EmbeddingIndex | str | Path, queries: Sequence, *, k: int = 10,
                   device: str = "cpu") -> list[list[tuple[str, float]]]:
-    """Top-``k`` neighbours ``(id, cosine similarity)`` in ``index`` of each query image."""
+    """Top-``k`` neighbours ``(id, cosine similarity)`` in ``index`` of each query image; an index built by another
+    model (its recorded weights digest differs) is refused (:meth:`EmbeddingIndex.check_model`)."""
     from zoo.predictor import Predictor
 
     pred = Predictor(model, device=device)
     head = _embedding_head(pred)
     if not isinstance(index, EmbeddingIndex):
         index = EmbeddingIndex.load(index)
+    index.check_model(_model_name(model, pred), weights_digest(pred.model))
     q = _vectors(pred, head, list(queries), progress=False)
     if q.shape[1] != index.dim:
         raise ValueError(f"the model embeds in {q.shape[1]} dimensions but the index holds {index.dim}: "

@@ -22,9 +22,22 @@ import torch.nn.functional as F
 
 from zoo.metrics.retrieval import knn
 
-__all__ = ["EmbeddingIndex"]
+__all__ = ["EmbeddingIndex", "weights_digest"]
 
 FORMAT = "zoo.embedding_index/1"
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Hex sha256 of a model's state dict (names, dtypes, shapes and values, in name order): the same for a
+    checkpoint and the bundle exported from it, different for any other weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 class EmbeddingIndex:
@@ -83,6 +96,18 @@ class EmbeddingIndex:
             raise ValueError(f"cannot add {other.dim}-d embeddings to a {self.dim}-d index")
         self.embeddings = torch.cat([self.embeddings, other.embeddings])
         self.ids.extend(other.ids)
+
+    def check_model(self, name: str, digest: str | None) -> None:
+        """Refuse to search with a model other than the one that built the index (``meta["model"]`` and
+        ``meta["weights_sha256"]``, written by ``zoo-embed``): another model's embeddings live in another space,
+        and the nearest neighbours would be meaningless. An index without a recorded digest is not checked."""
+        built = self.meta.get("weights_sha256")
+        if built and digest and built != digest:
+            built_name = self.meta.get("model") or "another model"
+            raise ValueError(f"this index was built with {built_name!r} (weights sha256 {built[:12]}...) but the query "
+                             f"model {name!r} has other weights ({digest[:12]}...): their embeddings are not "
+                             f"comparable. Search with --model {built_name}, or rebuild the index with "
+                             f"zoo-embed --model {name}")
 
     def search(self, query: torch.Tensor, k: int = 10, *, batch_size: int = 1024,
                backend: str = "torch") -> list[list[tuple[str, float]]]:

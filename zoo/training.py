@@ -16,7 +16,7 @@ from zoo.config import TrainConfig, to_container, validate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "build_trainer", "format_metrics"]
+__all__ = ["train", "build_trainer", "format_metrics", "check_accelerator"]
 
 
 def format_metrics(metrics: dict[str, float], title: str = "metrics") -> str:
@@ -74,19 +74,20 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
         es = c.early_stopping
         callbacks.append(cb.EarlyStopping(monitor=es.monitor or monitor, mode=es.mode or mode, patience=es.patience,
                                           min_delta=es.min_delta))
-    loggers = []
-    for name in cfg.logger.names:
-        if name == "csv":
-            loggers.append(ResumableCSVLogger(str(out_dir), name="csv", version=""))  # continues on resume
-        elif name == "tensorboard":
-            loggers.append(pl_loggers.TensorBoardLogger(str(out_dir), name="tensorboard", version=""))
-        else:
-            raise ValueError(f"logger.names: {name!r} unknown; use csv and/or tensorboard")
+    loggers = build_loggers(cfg, out_dir)
     if c.lr_monitor and loggers:
         callbacks.append(cb.LearningRateMonitor(logging_interval="step"))
     enable_pb = bool(t.enable_progress_bar) and c.progress_bar != "none"
     if enable_pb:
         callbacks.append(cb.RichProgressBar() if c.progress_bar == "rich" else cb.TQDMProgressBar(refresh_rate=10))
+    from zoo.callbacks import EpochSummary, ZooModelSummary
+
+    # one line per epoch into the run's log file (train.log / evaluate.log), and on the console without a bar;
+    # the model summary (Lightning's ModelSummary, shown through the same route) at the start of fitting
+    callbacks.append(EpochSummary(console=not enable_pb))
+    depth = int(OmegaConf.select(cfg, "callbacks.model_summary_depth", default=2) or 0)
+    if depth:
+        callbacks.append(ZooModelSummary(max_depth=depth))
     callbacks += callbacks_extra or []
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
@@ -98,13 +99,138 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
         deterministic=t.deterministic, benchmark=t.benchmark, fast_dev_run=t.fast_dev_run,
         num_sanity_val_steps=t.num_sanity_val_steps, enable_progress_bar=enable_pb, sync_batchnorm=t.sync_batchnorm,
         default_root_dir=str(out_dir), callbacks=callbacks, logger=loggers or False,
-        enable_model_summary=False,
+        enable_model_summary=False,  # ZooModelSummary above is the summary (Lightning would add a second one)
     )
     for key in ("limit_train_batches", "limit_val_batches", "val_check_interval"):
         if t[key] is not None:
-            v = float(t[key])
-            kwargs[key] = int(v) if v > 1 else v
+            v = t[key]  # an integer is a number of batches (1 = one batch), a float a fraction (1.0 = all)
+            kwargs[key] = v if isinstance(v, int) else (int(v) if float(v) > 1 else float(v))
     return pl.Trainer(**kwargs), ckpt_cb
+
+
+def check_accelerator(trainer_cfg: Any) -> None:
+    """Refuse ``trainer.accelerator=gpu|cuda`` (``trainer=gpu``, ``ddp``) on a machine where torch sees no CUDA
+    device, or more devices than it sees, with a message saying so, instead of Lightning's traceback."""
+    from zoo.config import ConfigError
+
+    acc = str(trainer_cfg.accelerator)
+    if acc not in ("gpu", "cuda"):
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = (f"torch {torch.__version__}, " + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
+                                               else "a CPU-only build") + (f", CUDA_VISIBLE_DEVICES={env!r}"
+                                                                            if env is not None else ""))
+    if visible == 0:
+        raise ConfigError(f"trainer.accelerator={acc} (trainer=gpu) but no CUDA device is visible ({where}): use "
+                          "trainer=cpu on this machine, or run on one with a GPU")
+    devices = trainer_cfg.devices
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > visible:
+        raise ConfigError(f"trainer.devices={devices} but only {visible} CUDA device(s) are visible ({where}): "
+                          f"use trainer.devices={visible} (or -1 for all)")
+
+
+#: ``logger.names`` entries and the pip package each one needs beyond zoo's own dependencies.
+LOGGERS = {"csv": None, "tensorboard": None, "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _require(package: str, name: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise ImportError(f"logger.names includes {name!r}, which needs the {package!r} package: pip install {package} "
+                          f"(or drop {name} from logger.names; csv and tensorboard need nothing more)")
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
+    """Lightning loggers by name (``logger.names``): ``csv`` (``<run>/csv/metrics.csv``, continued on resume),
+    ``tensorboard`` (``<run>/tensorboard``), ``wandb`` (offline by default, files in ``<run>/wandb``) and ``mlflow``
+    (a ``file:`` tracking URI in ``<run>/mlruns`` by default). wandb and mlflow need their pip packages; a missing
+    one stops the run with an error naming it."""
+    from lightning.pytorch import loggers as pl_loggers
+
+    from zoo.checkpointing import ResumableCSVLogger
+
+    task = str(OmegaConf.select(cfg, "task_name", default=None) or "zoo")
+    loggers = []
+    for name in cfg.logger.names:
+        if name not in LOGGERS:
+            raise ValueError(f"logger.names: {name!r} unknown; use any of {', '.join(LOGGERS)}")
+        if LOGGERS[name]:
+            _require(LOGGERS[name], name)
+        if name == "csv":
+            loggers.append(ResumableCSVLogger(str(out_dir), name="csv", version=""))  # continues on resume
+        elif name == "tensorboard":
+            loggers.append(pl_loggers.TensorBoardLogger(str(out_dir), name="tensorboard", version=""))
+        elif name == "wandb":
+            w = OmegaConf.select(cfg, "logger.wandb", default=None) or {}
+            loggers.append(pl_loggers.WandbLogger(name=w.get("name"), save_dir=str(out_dir), project=w.get("project") or task,
+                                                  entity=w.get("entity"), offline=bool(w.get("offline", True)),
+                                                  log_model=bool(w.get("log_model", False))))
+        elif name == "mlflow":
+            m = OmegaConf.select(cfg, "logger.mlflow", default=None) or {}
+            uri = m.get("tracking_uri") or (out_dir / "mlruns").as_uri()
+            loggers.append(pl_loggers.MLFlowLogger(experiment_name=m.get("experiment_name") or task,
+                                                   run_name=m.get("run_name"), tracking_uri=uri,
+                                                   save_dir=str(out_dir / "mlruns")))
+    return loggers
+
+
+def log_images(loggers: list, paths: list[Path], root: Path, step: int = 0) -> None:
+    """Plots (PNG files under ``root``) to the image-capable loggers: TensorBoard (``add_image``), W&B
+    (``log_image``), MLflow (as artifacts). Tags are the paths under ``root`` without suffix (``plots/confusion_matrix``)."""
+    from lightning.pytorch import loggers as pl_loggers
+
+    from zoo.plots import png_to_array
+
+    for lg in loggers:
+        for p in paths:
+            tag = Path(p).relative_to(root).with_suffix("").as_posix()
+            try:
+                if isinstance(lg, pl_loggers.TensorBoardLogger):
+                    lg.experiment.add_image(tag, png_to_array(p), global_step=step, dataformats="HWC")
+                elif type(lg).__name__ == "WandbLogger":
+                    lg.log_image(key=tag, images=[png_to_array(p)], step=step)
+                elif type(lg).__name__ == "MLFlowLogger":
+                    lg.experiment.log_artifact(lg.run_id, str(p), artifact_path=str(Path(tag).parent))
+            except Exception as err:  # a logger that cannot take images must not fail a finished run
+                log.warning("could not log %s to %s: %s", p, type(lg).__name__, err)
+        if isinstance(lg, pl_loggers.TensorBoardLogger):
+            lg.experiment.flush()
+
+
+def write_training_curves(trainer: Any, module: Any, out_dir: Path) -> Path | None:
+    """``<run>/plots/training_curves.png`` from the run's CSV log (``<run>/csv/metrics.csv``), or from the epoch
+    history the :class:`~zoo.callbacks.EpochSummary` callback kept when no CSV logger ran; ``None`` without
+    matplotlib or without any epoch."""
+    from zoo import plots
+    from zoo.callbacks import EpochSummary
+
+    if not plots.available():
+        log.warning("matplotlib is not installed: no training curves written (pip install matplotlib)")
+        return None
+    csv_file = out_dir / "csv" / "metrics.csv"
+    history = plots.read_csv_log(csv_file) if csv_file.is_file() else None
+    if not history:
+        history = next((c.history for c in trainer.callbacks if isinstance(c, EpochSummary)), None)
+    if not history:
+        return None
+    keys = [k for k in getattr(module, "progress_keys", lambda: [])() if k.startswith("val/")
+            and not k.endswith("/loss")]
+    extra = [k for k in history if k.startswith("val/") and k not in keys and "loss" not in k
+             and not any(t in k for t in ("_small", "_medium", "_large", "mAR"))]
+    return plots.plot_training_curves(history, out_dir / "plots" / "training_curves.png", metrics=(keys + extra)[:8])
+
+
+def _plots_of(report: Any) -> list[str]:
+    """Every ``plots`` entry of an evaluation report (top level and per head)."""
+    if not isinstance(report, dict):
+        return []
+    out = [str(p) for p in report.get("plots") or []]
+    for v in report.values():
+        if isinstance(v, dict):
+            out += _plots_of(v)
+    return out
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -119,6 +245,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from zoo.tasks import task_class
 
     cfg = validate(cfg, TrainConfig)
+    check_accelerator(cfg.trainer)
+    if cfg.ckpt_path and cfg.init_from:
+        from zoo.config import ConfigError
+
+        raise ConfigError("give ckpt_path= (resume that run: weights, optimiser, epoch) or init_from= (a new run "
+                          "starting from trained weights), not both")
     quiet_lightning()
     out_dir = Path(cfg.paths.output_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,28 +274,52 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Same weights-only load Lightning does in fit(), but a refused pickle gets zoo's clear CheckpointLoadError
         # (which never suggests weights_only=False) instead of torch's raw message from deep inside fit().
         read_lightning_checkpoint(cfg.ckpt_path)
-    module = cls(**kwargs, init_weights=not bool(cfg.ckpt_path))
+    if cfg.init_from and (cfg.backbone.pretrained or cfg.backbone.weights):
+        log.warning("init_from=%s gives the backbone's weights: backbone.pretrained / backbone.weights are not used",
+                    cfg.init_from)
+    module = cls(**kwargs, init_weights=not (cfg.ckpt_path or cfg.init_from))
+    init_report = None
+    if cfg.init_from:
+        from zoo.transfer import init_task_from
+
+        init_report = init_task_from(module, cfg.init_from)
     from zoo.callbacks import Visualize
 
     trainer, ckpt_cb = build_trainer(cfg, out_dir, monitor=module.main_metric, mode=module.main_mode,
-                                     callbacks_extra=[Visualize(int(cfg.callbacks.visualize))])
+                                     callbacks_extra=[Visualize(int(cfg.callbacks.visualize),
+                                                                score_thresh=float(cfg.callbacks.visualize_score_thresh))])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True if cfg.ckpt_path else None)
     fit_s = time.perf_counter() - t0
 
     best = ckpt_cb.best_model_path or None
     last = str(Path(ckpt_cb.dirpath) / "last.ckpt") if ckpt_cb.save_last else None
     result: dict[str, Any] = {"output_dir": str(out_dir), "best_ckpt": best, "last_ckpt": last,
-                              "metrics": {}, "fit_seconds": fit_s, "bundle": None}
+                              "metrics": {}, "fit_seconds": fit_s, "bundle": None, "init_from": init_report}
     if cfg.trainer.fast_dev_run:
         return result
+    from zoo.callbacks import emit
+
+    plot_files: list[Path] = []
+    if trainer.is_global_zero:
+        curves = write_training_curves(trainer, module, out_dir)  # the CSV log is complete once fit returned
+        plot_files += [curves] if curves else []
     if cfg.run_eval and best:
         res = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
         metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
+        report = dict(getattr(module, "last_eval_report", None) or {})
         result["metrics"] = metrics
+        result["report"] = report
         if trainer.is_global_zero:
+            # the evaluation report as evaluate.py writes it: per-class tables, confusion matrices, plot files
             (out_dir / "metrics.json").write_text(json.dumps({"checkpoint": best, "metrics": metrics,
-                                                               "fit_seconds": fit_s}, indent=2))
-            print(format_metrics(metrics, f"validation metrics of {best}"), flush=True)
+                                                               "fit_seconds": fit_s, **report}, indent=2, default=str))
+            if report.get("table"):
+                emit(str(report["table"]))
+            emit(format_metrics(metrics, f"validation metrics of {best}"))
+            plot_files += [Path(p) for p in _plots_of(report)]
+    if plot_files and trainer.is_global_zero:
+        result["plots"] = [str(p) for p in plot_files]
+        log_images(list(trainer.loggers), plot_files, out_dir, step=int(trainer.global_step))
     if cfg.export_bundle and best and trainer.is_global_zero:
         try:
             from zoo.hub.export import export_checkpoint

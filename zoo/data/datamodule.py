@@ -225,6 +225,96 @@ def _coco_sets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], augment
     return out
 
 
+def holdout_split(n: int, fraction: float, seed: int = 0, labels: Sequence[int] | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """``(train indices, validation indices)``, both sorted: ``round(fraction * n)`` items held out, drawn with
+    ``numpy.random.default_rng(seed)``.
+
+    With ``labels`` the split is stratified: each class gives ``fraction`` of its items (rounded so that the total is
+    ``round(fraction * n)``, the remainders going to the classes with the largest fractional parts), and every class
+    keeps at least one item for training.
+    """
+    import math
+
+    import numpy as np
+
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"fraction={fraction} must be between 0 and 1")
+    rng = np.random.default_rng(int(seed))
+    n_val = int(round(float(fraction) * n))
+    if labels is None:
+        val = sorted(int(i) for i in rng.permutation(n)[:n_val])
+    else:
+        labels = [int(x) for x in labels]
+        if len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} items")
+        by: dict[int, list[int]] = {}
+        for i, lab in enumerate(labels):
+            by.setdefault(lab, []).append(i)
+        classes = sorted(by)
+        exact = {c: float(fraction) * len(by[c]) for c in classes}
+        cap = {c: max(len(by[c]) - 1, 0) for c in classes}
+        quota = {c: min(math.floor(exact[c]), cap[c]) for c in classes}
+        tie = {c: float(t) for c, t in zip(classes, rng.random(len(classes)))}
+        order = sorted(classes, key=lambda c: (-(exact[c] - math.floor(exact[c])), tie[c]))
+        left = n_val - sum(quota.values())
+        while left > 0:
+            room = [c for c in order if quota[c] < cap[c]]
+            if not room:
+                break
+            for c in room[:left]:
+                quota[c] += 1
+            left = n_val - sum(quota.values())
+        val = sorted(int(i) for c in classes for i in rng.permutation(by[c])[:quota[c]])
+    held = set(val)
+    return [i for i in range(n) if i not in held], val
+
+
+def _holdout_source(cfg: Mapping[str, Any], root: Path, kind: str, layout: str, stages: Sequence[str]) -> Path | None:
+    """The folder ``data.val_fraction`` splits (``<root>/<train_split>``, or ``root`` itself when that does not
+    exist), or ``None`` without ``val_fraction``; errors name what to change."""
+    from zoo.config import ConfigError
+
+    frac = cfg.get("val_fraction")
+    train_dir, val_dir = root / cfg["train_split"], root / cfg["val_split"]
+    if frac is None:
+        need = [(s, root / cfg[f"{s}_split"]) for s in stages]
+        for stage, d in need:
+            if not d.is_dir() and root.is_dir():
+                hint = (f"hold out validation images from {train_dir if train_dir.is_dir() else root} with "
+                        "data.val_fraction=0.2" if stage == "val" else
+                        f"for one folder {root}/{layout} set data.val_fraction=0.2 (a validation split is held out "
+                        f"of it), or name the split folder with data.{stage}_split")
+                raise FileNotFoundError(f"data={kind}: the {stage} split folder {d} does not exist ({kind} reads "
+                                        f"<data.root>/<split>/{layout}); {hint}")
+        return None
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root={str(root)!r} does not exist")
+    if val_dir.is_dir():
+        raise ConfigError(f"data.val_fraction={frac} holds validation images out of the training folder, but the "
+                          f"validation split folder {val_dir} exists too: remove data.val_fraction to validate on "
+                          f"{val_dir}, or point data.val_split at a folder that does not exist")
+    return train_dir if train_dir.is_dir() else root
+
+
+def _holdout(cfg: Mapping[str, Any], src: Path, n: int, labels: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    """``data.val_fraction``'s split of the ``n`` items of ``src`` (stratified when ``labels`` are given)."""
+    from zoo.config import ConfigError
+
+    frac, seed = float(cfg["val_fraction"]), int(cfg.get("val_seed") or 0)
+    stratify = labels is not None
+    train_idx, val_idx = holdout_split(n, frac, seed, labels)
+    total = len(train_idx) + len(val_idx)
+    if not val_idx or not train_idx:
+        empty = "validation" if not val_idx else "training"
+        raise ConfigError(f"data.val_fraction={frac} of the {total} images in {src} leaves the {empty} split empty"
+                          + (" (every class keeps at least one training image)" if stratify and not val_idx else "")
+                          + f": use a fraction between {1 / total:.3g} and {1 - 1 / total:.3g}, or more images")
+    log.info("data.val_fraction=%s: %d of the %d images in %s held out for validation (%s, data.val_seed=%d)",
+             frac, len(val_idx), total, src, "stratified by class" if stratify else "random", seed)
+    return train_idx, val_idx
+
+
 def _image_folder_sets(cfg, fmt, pre, augment, stages):
     from zoo.data.folders import ImageFolderDataset
 
@@ -234,6 +324,15 @@ def _image_folder_sets(cfg, fmt, pre, augment, stages):
         raise ValueError("data.root is required for data=image_folder: <root>/<split>/<class>/<images>")
     root = Path(cfg["root"]).expanduser()
     out: dict[str, Any] = {"root": str(root)}
+    src = _holdout_source(cfg, root, "image_folder", "<class>/<images>", stages)
+    if src is not None:  # data.val_fraction: both splits from one folder, stratified by class
+        full = ImageFolderDataset(src, **pre)
+        train_idx, val_idx = _holdout(cfg, src, len(full), full.labels())
+        for stage in stages:
+            ds = full.take(train_idx, augment=augment) if stage == "train" else full.take(val_idx)
+            out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
+        out["class_names"] = full.class_names
+        return out
     names = None
     for stage in stages:
         split_dir = root / cfg[f"{stage}_split"]
@@ -254,6 +353,16 @@ def _mask_folder_sets(cfg, fmt, pre, augment, stages):
     root = Path(cfg["root"]).expanduser()
     names = (cfg.get("extra") or {}).get("class_names")
     out: dict[str, Any] = {"root": str(root)}
+    src = _holdout_source(cfg, root, "mask_folder", "images/ and masks/", stages)
+    if src is not None:  # data.val_fraction: both splits from one folder (a plain seeded split)
+        full = MaskFolderDataset(src, class_names=names, **pre)
+        train_idx, val_idx = _holdout(cfg, src, len(full), None)
+        for stage in stages:
+            ds = full.take(train_idx, augment=augment) if stage == "train" else full.take(val_idx)
+            out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
+        out["class_names"] = full.class_names
+        out["has_background"] = False
+        return out
     for stage in stages:
         ds = MaskFolderDataset(root / cfg[f"{stage}_split"], class_names=names,
                                augment=augment if stage == "train" else None, **pre)
@@ -410,7 +519,7 @@ def datamodule_from_config(data_cfg: Any, fmt: str, pre: Mapping[str, Any], *, s
     augment = None
     if "train" in stages:
         augment = build_augment(cfg.get("augment"), boxes=boxes, min_visibility=float(cfg.get("min_visibility", 0.3)),
-                                seed=seed)
+                                seed=seed, input_size=pre.get("input_size"))
     sets = build_datasets(cfg, fmt, pre, augment=augment, stages=stages)
     info = {k: v for k, v in sets.items() if k not in ("train", "val")}
     info["kind"] = cfg["kind"]

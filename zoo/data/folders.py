@@ -28,7 +28,11 @@ class ImageFolderDataset(Dataset):
     Args:
         root: the split folder.
         class_names: fix the class list (e.g. the training split's for validation); default: the sub-folders.
-        input_size, resize, mean, std, augment: as in :class:`zoo.data.coco.CocoDataset`.
+        input_size, resize, mean, std, augment: as in :class:`zoo.data.coco.CocoDataset`; the augmentation runs on
+            the decoded image and its output is resized to ``input_size`` (``data=image_folder``'s default crop
+            takes its size from ``model.input_size``, see :func:`zoo.data.transforms.build_augment`).
+
+    :meth:`take` keeps some of the items (a validation split held out of one folder, ``data.val_fraction``).
     """
 
     def __init__(self, root: str | Path, *, input_size: Sequence[int], resize: str = "stretch",
@@ -59,6 +63,15 @@ class ImageFolderDataset(Dataset):
 
     def labels(self) -> list[int]:
         return [lab for _, lab in self.samples]
+
+    def take(self, indices: Sequence[int], *, augment: Callable | None = None) -> "ImageFolderDataset":
+        """A copy holding only the items at ``indices`` (same classes), with ``augment``."""
+        import copy
+
+        out = copy.copy(self)
+        out.samples = [self.samples[int(i)] for i in indices]
+        out.augment = augment
+        return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         path, label = self.samples[i]

@@ -80,6 +80,15 @@ class MaskFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def take(self, indices: Sequence[int], *, augment: Callable | None = None) -> "MaskFolderDataset":
+        """A copy holding only the pairs at ``indices`` (same classes), with ``augment``."""
+        import copy
+
+        out = copy.copy(self)
+        out.pairs = [self.pairs[int(i)] for i in indices]
+        out.augment = augment
+        return out
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         img_path, mask_path = self.pairs[i]
         img = load_rgb(img_path)

@@ -7,6 +7,10 @@ A pipeline is a list of ops, each ``{"type": "<albumentations class>", **kwargs}
       - {type: HorizontalFlip, p: 0.5}
       - {type: ColorJitter, brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.02, p: 0.8}
 
+An op whose output size is a required argument (``RandomResizedCrop``'s ``size``; ``RandomCrop``, ``CenterCrop``,
+``Resize``'s ``height`` and ``width``) and leaves it out gets the model's input size (``model.input_size``), so a
+crop follows the model instead of a number written into the data config.
+
 Boxes (pascal_voc xyxy pixels) travel with a ``box_index`` label field, so a box dropped by a crop drops its
 label, crowd flag and mask with it; boxes are clipped to the image, and boxes left with less than
 ``min_visibility`` of their area or ``min_area`` pixels are dropped.
@@ -24,7 +28,25 @@ import albumentations as A  # noqa: E402
 __all__ = ["build_augment"]
 
 
-def _build_op(spec: Mapping[str, Any]) -> A.BasicTransform:
+def _fill_size(cls: type, spec: dict[str, Any], input_size: Sequence[int] | None) -> None:
+    """Give ``input_size`` (``[h, w]``) to a required ``size`` / ``height`` + ``width`` argument left out."""
+    import inspect
+
+    if input_size is None:
+        return
+    h, w = (int(input_size[0]), int(input_size[-1]))
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return
+    required = {k for k, p in params.items() if p.default is inspect.Parameter.empty}
+    if "size" in required and "size" not in spec:
+        spec["size"] = (h, w)
+    elif {"height", "width"} <= required and "height" not in spec and "width" not in spec:
+        spec["height"], spec["width"] = h, w
+
+
+def _build_op(spec: Mapping[str, Any], input_size: Sequence[int] | None = None) -> A.BasicTransform:
     spec = dict(spec)
     name = spec.pop("type", None) or spec.pop("_target_", None)
     if not name:
@@ -34,7 +56,8 @@ def _build_op(spec: Mapping[str, Any]) -> A.BasicTransform:
     if cls is None:
         raise ValueError(f"augmentation type {name!r} is not an albumentations transform (see albumentations docs)")
     if "transforms" in spec:  # OneOf / SomeOf / Sequential
-        spec["transforms"] = [_build_op(t) for t in spec["transforms"]]
+        spec["transforms"] = [_build_op(t, input_size) for t in spec["transforms"]]
+    _fill_size(cls, spec, input_size)
     try:
         return cls(**spec)
     except TypeError as err:
@@ -42,13 +65,15 @@ def _build_op(spec: Mapping[str, Any]) -> A.BasicTransform:
 
 
 def build_augment(ops: Sequence[Mapping[str, Any]] | None, *, boxes: bool = False, min_visibility: float = 0.3,
-                  min_area: float = 4.0, seed: int | None = None) -> A.Compose | None:
+                  min_area: float = 4.0, seed: int | None = None,
+                  input_size: Sequence[int] | None = None) -> A.Compose | None:
     """Compose the ops; ``None`` or an empty list gives ``None`` (no augmentation).
 
     Args:
         ops: op configs (see module docs).
         boxes: add box handling (pascal_voc, clipped, filtered by ``min_visibility``/``min_area``).
         seed: seed albumentations' RNG (per worker seeding is done by the data loader).
+        input_size: ``[h, w]`` given to ops that need an output size and leave it out (see module docs).
     """
     if not ops:
         return None
@@ -58,4 +83,4 @@ def build_augment(ops: Sequence[Mapping[str, Any]] | None, *, boxes: bool = Fals
                                              min_visibility=min_visibility, min_area=min_area)
     if seed is not None:
         kwargs["seed"] = seed
-    return A.Compose([_build_op(o) for o in ops], **kwargs)
+    return A.Compose([_build_op(o, input_size) for o in ops], **kwargs)

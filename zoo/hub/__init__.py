@@ -3,7 +3,7 @@
 Serving path: imports only torch, safetensors and the standard library (huggingface_hub on demand).
 
     from zoo.hub import save_bundle, read_bundle, resolve, list_models
-    folder = resolve("resnet10t.shapes_cls")      # name, bundle path, URL or hf-hub:org/name
+    folder = resolve("test_resnet.shapes_cls")      # name, bundle path, URL or hf-hub:org/name
     state_dict, meta = read_bundle(folder)
 """
 

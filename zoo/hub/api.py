@@ -3,7 +3,7 @@ checkpoint; plus the small helpers export and the predictor share (checkpoint un
 
 Serving path: imports only torch, the standard library and zoo's lean modules at module level.
 
-    model = zoo.load("resnet10t.shapes_cls")          # registry name (downloaded + sha256-checked)
+    model = zoo.load("test_resnet.shapes_cls")          # registry name (downloaded + sha256-checked)
     model = zoo.load("runs/x/bundle")                 # bundle folder / model.json / model.safetensors
     model = zoo.load("runs/x/checkpoints/best.ckpt")  # Lightning checkpoint, read with weights_only=True
     model.bundle_meta["class_names"]

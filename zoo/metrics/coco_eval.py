@@ -99,6 +99,8 @@ class CocoEvalResult:
         precision: ``[T, R, K, A, M]`` array from ``accumulate`` (IoU thresholds x 101 recall points x categories
             x area ranges x max_dets), ``-1`` where undefined; ``None`` for empty results.
         recall: ``[T, K, A, M]`` array from ``accumulate``; ``None`` for empty results.
+        scores: ``[T, R, K, A, M]`` array from ``accumulate``: the detection score at which each precision point
+            is reached (for F1-vs-score curves and score thresholds); ``None`` for empty results.
         category_ids: the GT category ids in the order of the ``K`` axis.
     """
 
@@ -112,6 +114,7 @@ class CocoEvalResult:
     precision: np.ndarray | None = field(default=None, repr=False)
     recall: np.ndarray | None = field(default=None, repr=False)
     category_ids: list[int] = field(default_factory=list, repr=False)
+    scores: np.ndarray | None = field(default=None, repr=False)
 
     def summary_lines(self) -> list[str]:
         """The 12 lines pycocotools' ``summarize()`` prints, for these stats.
@@ -553,11 +556,12 @@ def evaluate_coco(
         stats = _summary_stats(ev, backend, max_dets)
     precision = np.asarray(ev.eval["precision"], dtype=np.float64)
     recall = np.asarray(ev.eval["recall"], dtype=np.float64)
+    scores = np.asarray(ev.eval["scores"], dtype=np.float64) if "scores" in ev.eval else None
     per_class = _per_class_ap(precision, names)
     timings["summarize"] = time.perf_counter() - t0
     return CocoEvalResult(stats=stats, per_class_ap=per_class, iou_type=iou_type, backend=backend,
                           max_dets=max_dets, num_images=len(img_ids), timings=timings, precision=precision,
-                          recall=recall, category_ids=cat_ids)
+                          recall=recall, category_ids=cat_ids, scores=scores)
 
 
 def _empty_result(coco_gt: Any, img_ids: list[int], cat_ids: list[int], names: list[str], iou_type: str,

@@ -4,8 +4,11 @@ validation loop): classification (top-1/top-5, or mAP/F1 multi-label), COCO box 
 
 Each evaluator is fed per batch with the head, its raw output and the collated batch (:meth:`Evaluator.update`),
 and gives metric values without prefix plus a report for ``metrics.json`` (:meth:`Evaluator.compute`); the task
-logs them under ``val/`` (one head) or ``val/<head>/`` (several). Training-side only: torchmetrics and the COCO
-evaluator are imported here.
+logs them under ``val/`` (one head) or ``val/<head>/`` (several). :meth:`Evaluator.details` adds per-class analyses
+to the report (confusion matrix as a nested list, per-class accuracy / IoU, per-class best F1 and its score
+threshold, a printable ``table``) and, at a final validation (``trainer.validate``: the best checkpoint after
+training, ``evaluate.py``), writes plots (:mod:`zoo.plots`) into ``<output_dir>/plots/`` (``plots/<head>/`` with
+several heads). Training-side only: torchmetrics and the COCO evaluator are imported here.
 """
 
 from __future__ import annotations
@@ -73,9 +76,59 @@ class Evaluator(nn.Module):
         """``(metrics, report)``; ``module`` is the LightningModule (for gathering across ranks)."""
         raise NotImplementedError
 
+    def details(self, module: Any) -> dict[str, Any]:
+        """Per-class analyses merged into the report after :meth:`compute` (before :meth:`reset`), and plots at a
+        final validation (:meth:`plot_dir`). Default: nothing."""
+        return {}
+
+    def plot_dir(self, module: Any) -> Path | None:
+        """Where this evaluator writes its plots now, or ``None``: plots are written at a final validation only
+        (``trainer.validate``, not the validation epochs of fitting), on rank zero, when matplotlib is installed
+        and the ``plots`` option is not off."""
+        trainer = getattr(module, "_trainer", None)
+        if trainer is None or not self.options.get("plots", True) or not trainer.is_global_zero:
+            return None
+        if getattr(trainer.state.fn, "value", trainer.state.fn) != "validate" or trainer.sanity_checking:
+            return None
+        from zoo import plots
+
+        if not plots.available():
+            log.warning("matplotlib is not installed: no plots written (pip install matplotlib)")
+            return None
+        out = Path(self.options.get("output_dir") or trainer.default_root_dir) / "plots"
+        return out / str(self.options.get("plot_subdir") or "")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(getattr(self, "_names", []) or [])
+
+
+def confusion_details(cm: torch.Tensor, names: list[str], what: str, iou: bool = False) -> dict[str, Any]:
+    """Report entries of a ``(K, K)`` confusion matrix (rows: target, columns: prediction): the matrix as a nested
+    list, per-class accuracy (recall: the fraction of a class's ``what`` predicted as it; ``None`` without any),
+    per-class IoU when ``iou``, and a table of them with each class's support."""
+    cm = cm.detach().cpu().long()
+    k = cm.shape[0]
+    names = [names[i] if i < len(names) else str(i) for i in range(k)]
+    support = cm.sum(1)
+    tp = cm.diag()
+    acc = {n: (float(tp[i]) / float(support[i]) if support[i] > 0 else None) for i, n in enumerate(names)}
+    out: dict[str, Any] = {"confusion_matrix": cm.tolist(), "per_class_accuracy": acc}
+    union = cm.sum(0) + support - tp
+    ious = {n: (float(tp[i]) / float(union[i]) if union[i] > 0 else None) for i, n in enumerate(names)}
+    w = max([8, *(len(n) for n in names)])
+    cols = f"{'class':<{w}}  {'accuracy':>8}" + (f"  {'IoU':>6}" if iou else "") + f"  {what:>10}"
+    lines = [f"per-class {'accuracy and IoU' if iou else 'accuracy'}", cols, "-" * len(cols)]
+    fmt = (lambda v, d: f"{v:>{d}.3f}" if v is not None else f"{'-':>{d}}")
+    for i, n in enumerate(names):
+        lines.append(f"{n:<{w}}  {fmt(acc[n], 8)}" + (f"  {fmt(ious[n], 6)}" if iou else "") + f"  {int(support[i]):>10}")
+    out["table"] = "\n".join(lines)
+    return out
+
 
 class ClassificationEvaluator(Evaluator):
-    """Single-label: ``top1``, ``top5`` (images without a label, ``-100``, are left out). Multi-label: ``mAP``
+    """Single-label: ``top1``, and ``top5`` when there are more than 5 classes (with 5 or fewer it is always 1)
+    (images without a label, ``-100``, are left out). Multi-label: ``mAP``
     (mean over classes with at least one positive) and macro ``F1`` at 0.5."""
 
     def __init__(self, head: nn.Module, options: Mapping[str, Any] | None = None) -> None:
@@ -85,6 +138,10 @@ class ClassificationEvaluator(Evaluator):
 
         k = int(head.num_classes)
         self.multilabel = bool(head.multilabel)
+        from torchmetrics.classification import MulticlassConfusionMatrix
+
+        # single-label: rows ground truth, columns the top-1 prediction (details(): metrics.json and the plot)
+        self.cm = None if self.multilabel else MulticlassConfusionMatrix(num_classes=k)
         if self.multilabel:
             self.main = "mAP"
             self.ap = MultilabelAveragePrecision(num_labels=k, average=None)
@@ -93,26 +150,47 @@ class ClassificationEvaluator(Evaluator):
         else:
             self.main = "top1"
             self.top1 = torchmetrics.Accuracy(task="multiclass", num_classes=k, top_k=1)
-            self.top5 = torchmetrics.Accuracy(task="multiclass", num_classes=k, top_k=min(5, k))
+            self.top5 = torchmetrics.Accuracy(task="multiclass", num_classes=k, top_k=5) if k > 5 else None
 
     @property
     def main_metric(self) -> str:  # type: ignore[override]
         return self.main
 
+    def details(self, module: Any) -> dict[str, Any]:
+        """Single-label: the confusion matrix, per-class accuracy and its table; the confusion-matrix plot."""
+        if self.cm is None or (self.cm.update_count == 0 and module.trainer.world_size == 1):
+            return {}
+        cm = self.cm.compute()
+        out = confusion_details(cm, self.class_names, "images")
+        folder = self.plot_dir(module)
+        if folder is not None:
+            from zoo.plots import plot_confusion_matrix
+
+            names = [n for n in out["per_class_accuracy"]]
+            out["plots"] = [str(plot_confusion_matrix(cm, names, folder / "confusion_matrix.png"))]
+        return out
+
     def reset(self) -> None:
+        if self.cm is not None:
+            self.cm.reset()
         if self.multilabel:
             self.ap.reset()
             self.f1.reset()
             self.positives.zero_()
         else:
             self.top1.reset()
-            self.top5.reset()
+            if self.top5 is not None:
+                self.top5.reset()
 
     def update(self, head: nn.Module, raw: Any, batch: Mapping[str, Any]) -> None:
         targets = head.batch_targets(batch)
         if targets is None:
             return
         logits = raw.float()
+        if self.cm is not None:
+            labelled = targets >= 0
+            if labelled.any():
+                self.cm.update(logits[labelled].argmax(-1), targets[labelled])
         if self.multilabel:
             t = targets.long()
             self.ap.update(logits.sigmoid(), t)
@@ -122,7 +200,8 @@ class ClassificationEvaluator(Evaluator):
             keep = targets >= 0
             if keep.any():
                 self.top1.update(logits[keep], targets[keep])
-                self.top5.update(logits[keep], targets[keep])
+                if self.top5 is not None:
+                    self.top5.update(logits[keep], targets[keep])
 
     def compute(self, module: Any) -> tuple[dict[str, float], dict[str, Any]]:
         if self.multilabel:
@@ -133,9 +212,12 @@ class ClassificationEvaluator(Evaluator):
             has = pos > 0
             m_ap = float(ap[has].mean()) if has.any() else 0.0
             return {"mAP": m_ap, "F1": float(self.f1.compute())}, {}
+        top5 = {"top5": 0.0} if self.top5 is not None else {}
         if self.top1.update_count == 0 and module.trainer.world_size == 1:
-            return {"top1": 0.0, "top5": 0.0}, {"num_images": 0}
-        return {"top1": float(self.top1.compute()), "top5": float(self.top5.compute())}, {}
+            return {"top1": 0.0, **top5}, {"num_images": 0}
+        if self.top5 is not None:
+            top5["top5"] = float(self.top5.compute())
+        return {"top1": float(self.top1.compute()), **top5}, {}
 
 
 class CocoEvaluator(Evaluator):
@@ -151,6 +233,7 @@ class CocoEvaluator(Evaluator):
         self.ann_file: str | None = self.options.get("ann_file")
         self.results: list[dict] = []
         self.image_ids: list[int] = []
+        self._evals: dict[str, Any] = {}
 
     @property
     def main_metric(self) -> str:  # type: ignore[override]
@@ -158,6 +241,35 @@ class CocoEvaluator(Evaluator):
 
     def reset(self) -> None:
         self.results, self.image_ids = [], []
+        self._evals = {}
+
+    def details(self, module: Any) -> dict[str, Any]:
+        """Per class (IoU 0.5): the best F1 and the score threshold reaching it (``<iou_type>_best_f1``), and the
+        precision-recall and F1-vs-score plots (``pr_curve.png``, ``f1_curve.png``; ``segm_`` ones too for
+        instance heads)."""
+        from zoo.plots import best_f1
+
+        out: dict[str, Any] = {}
+        folder = self.plot_dir(module)
+        paths = []
+        for iou_type, res in self._evals.items():
+            if res.precision is None:
+                continue
+            names = list(res.per_class_ap)
+            if res.scores is not None:
+                out[f"{iou_type}_best_f1"] = best_f1(res.precision, res.scores, names)
+            if folder is not None:
+                from zoo.plots import plot_f1_curves, plot_pr_curves
+
+                prefix = "" if iou_type == "bbox" else f"{iou_type}_"
+                paths.append(str(plot_pr_curves(res.precision, names, folder / f"{prefix}pr_curve.png",
+                                                title=f"precision-recall ({iou_type})")))
+                if res.scores is not None:
+                    paths.append(str(plot_f1_curves(res.precision, res.scores, names, folder / f"{prefix}f1_curve.png",
+                                                    title=f"F1 against score threshold ({iou_type})")))
+        if paths:
+            out["plots"] = paths
+        return out
 
     def update(self, head: nn.Module, raw: Any, batch: Mapping[str, Any]) -> None:
         opts = {k: v for k, v in dict(self.options.get("postprocess") or {}).items() if k in head.options}
@@ -199,6 +311,7 @@ class CocoEvaluator(Evaluator):
             tables = []
             for iou_type in self.iou_types:
                 res = evaluate_coco(self.ann_file, results, iou_type, image_ids=ids)
+                self._evals[iou_type] = res
                 metrics.update(res.to_metrics(prefix="" if iou_type == "bbox" else "segm_"))
                 tables.append(f"COCO {iou_type} ({len(ids)} images)\n{res.table()}")
                 report[f"{iou_type}_per_class_ap"] = {k: (None if v != v else v) for k, v in res.per_class_ap.items()}
@@ -238,6 +351,21 @@ class SemanticEvaluator(Evaluator):
         per_class = {names[i] if i < len(names) else str(i): (float(iou[i]) if present[i] else None)
                      for i in range(len(iou))}
         return {"mIoU": miou, "pixel_acc": float(acc)}, {"per_class_iou": per_class}
+
+    def details(self, module: Any) -> dict[str, Any]:
+        """The confusion matrix over pixels, per-class accuracy, a table with per-class IoU, and the plot."""
+        if self.cm.update_count == 0 and module.trainer.world_size == 1:
+            return {}
+        cm = self.cm.compute()
+        out = confusion_details(cm, self.class_names, "pixels", iou=True)
+        folder = self.plot_dir(module)
+        if folder is not None:
+            from zoo.plots import plot_confusion_matrix
+
+            out["plots"] = [str(plot_confusion_matrix(cm, list(out["per_class_accuracy"]),
+                                                      folder / "confusion_matrix.png",
+                                                      title="confusion matrix (pixels)"))]
+        return out
 
 
 class RetrievalEvaluator(Evaluator):

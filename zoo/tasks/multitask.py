@@ -149,7 +149,8 @@ class MultiTask(ZooTask):
         self.evaluators = nn.ModuleDict()
         for n in self.head_names:
             opts = {"postprocess": self.options.get("postprocess") or {}, "ann_file": ann_files.get(n, legacy_ann),
-                    "results_file": single_head_file if self.single else f"detections_{n}.json"}
+                    "results_file": single_head_file if self.single else f"detections_{n}.json",
+                    "plot_subdir": "" if self.single else n}
             self.evaluators[n] = evaluator_for(self.model.heads[n], opts)
         self.balance = str(self.options.get("balance") or "fixed")
         if self.balance not in BALANCE_METHODS:
@@ -167,6 +168,17 @@ class MultiTask(ZooTask):
     # ------------------------------------------------------------------ names
     def _key(self, head: str, metric: str, stage: str = "val") -> str:
         return f"{stage}/{metric}" if self.single else f"{stage}/{head}/{metric}"
+
+    def progress_keys(self) -> list[str]:
+        """The metrics of the one-line-per-epoch summary: the training loss, each head's validation loss and main
+        metric, and ``val/score`` with several heads."""
+        keys = ["train/loss"]
+        for n in self.head_names:
+            ev = self.evaluators[n]
+            if ev.wants_loss:
+                keys.append(self._key(n, "loss"))
+            keys.append(self._key(n, ev.main_metric))
+        return keys + ([] if self.single else ["val/score"])
 
     def _criterion(self, head: str) -> nn.Module | None:
         return self.criteria[head] if head in self.criteria else None
@@ -341,6 +353,10 @@ class MultiTask(ZooTask):
         mains = []
         for n in self.head_names:
             metrics, rep = self.evaluators[n].compute(self)
+            extra = self.evaluators[n].details(self)  # per-class analyses (+ plots at a final validation)
+            if extra.get("table") and rep.get("table"):
+                extra["table"] = f"{rep['table']}\n\n{extra['table']}"
+            rep = {**rep, **extra}
             for k, v in metrics.items():
                 key = self._key(n, k)
                 self.log(key, float(v), prog_bar=key == self.main_metric, sync_dist=False)
@@ -493,7 +509,12 @@ class MultiTask(ZooTask):
         for src in self.sources:
             heads = list(src["heads"])
             formats = tuple(self.model.heads[n].data_format for n in heads)
-            dm = datamodule_from_config(_merge(base, src.get("data") or {}), formats, self.preprocessing(spec),
+            dcfg = _merge(base, src.get("data") or {})
+            known = [spec.get("class_names", {}).get(n) for n in heads if spec.get("class_names", {}).get(n)]
+            if dcfg.get("kind") == "mask_folder" and not (dcfg.get("extra") or {}).get("class_names") and known:
+                # the masks hold class indices; their names are the model's (no need to repeat data.extra.class_names)
+                dcfg["extra"] = {**(dcfg.get("extra") or {}), "class_names": list(known[0])}
+            dm = datamodule_from_config(dcfg, formats, self.preprocessing(spec),
                                         size_divisor=spec["size_divisor"], stages=("val",))
             for n in heads:
                 head = self.model.heads[n]
