@@ -25,7 +25,7 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
-            if line.startswith(("python train.py", "python evaluate.py")):
+            if line.startswith(("python train.py", "python evaluate.py", "python -m zoo.data.check")):
                 cmds.append(line)
     return cmds
 
@@ -76,7 +76,7 @@ def _arguments(cmd: str, places: dict[str, str]) -> tuple[str, list[str]]:
     return words[1], args
 
 
-@pytest.mark.parametrize("cmd", COMMANDS)
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[re.sub(r"[^A-Za-z0-9=._-]+", "_", c)[:90] for c in COMMANDS])
 def test_readme_command_runs(cmd: str, places: dict[str, str], tmp_path: Path) -> None:
     from zoo.evaluation import evaluate
     from zoo.training import train
@@ -84,6 +84,14 @@ def test_readme_command_runs(cmd: str, places: dict[str, str], tmp_path: Path) -
     if ("coco128" in cmd or "/data/coco" in cmd or "tiny_coco" in cmd) and not (SHARED_DATA / "coco128").is_dir():
         pytest.skip("../shared/data not present")
     entry, args = _arguments(cmd, places)
+    if entry == "-m":  # a module command: run it as a user would
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, *shlex.split(cmd)[1:]], capture_output=True, text=True, cwd=str(ROOT),
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return
     if "-m" in args:  # a sweep: every combination composes; the multirun itself is tested through a real process
         args = [a for a in args if a != "-m"]
         args = [a.split(",")[0] if "=" in a and "," in a and "[" not in a else a for a in args]
