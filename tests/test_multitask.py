@@ -216,3 +216,26 @@ def test_uncertainty_weights_are_learned_parameters() -> None:
     assert task.log_vars is not None and task.log_vars.shape == (2,)
     opt = task.configure_optimizers()
     assert any(p is task.log_vars for g in opt.param_groups for p in g["params"])
+
+
+def test_class_balanced_batches_change_from_epoch_to_epoch(tmp_path: Path) -> None:
+    """The class-balanced sampler of an embedding head draws new batches every epoch (set_epoch is called)."""
+    import lightning.pytorch as pl
+
+    from zoo.tasks.multitask import MultiTask
+
+    cfg = compose("train", ["experiment=shapes_sim", *SMALL, "data.batch_size=16"], output_dir=tmp_path)
+    from zoo.config import TrainConfig, validate
+
+    dm, kwargs = MultiTask.build(validate(cfg, TrainConfig))
+    seen: dict[int, list] = {}
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.setdefault(trainer.current_epoch, []).append(tuple(batch["image_ids"]))
+
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Record()], default_root_dir=str(tmp_path))
+    trainer.fit(MultiTask(**kwargs, init_weights=False), datamodule=dm)
+    assert len(seen[0]) == len(seen[1]) == 2 and seen[0] != seen[1]

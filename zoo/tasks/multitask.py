@@ -293,6 +293,7 @@ class MultiTask(ZooTask):
         """Phase freezing: the backbone (``model.freeze_backbone_epochs``) and heads (``frozen_epochs``) train only
         from the given epoch on."""
         epoch = int(self.current_epoch)
+        self._set_batch_sampler_epoch(epoch)
         bb_epochs = int(self.options.get("freeze_backbone_epochs") or 0)
         if bb_epochs:
             frozen = epoch < bb_epochs
@@ -303,6 +304,23 @@ class MultiTask(ZooTask):
             if k:
                 for p in self.model.heads[n].parameters():
                     p.requires_grad_(epoch >= k)
+
+    def _set_batch_sampler_epoch(self, epoch: int) -> None:
+        """Lightning calls ``set_epoch`` on a loader's ``sampler`` and ``batch_sampler.sampler`` only; a batch
+        sampler that draws its own batches (the class-balanced one) would repeat its first epoch forever."""
+        trainer = self._trainer
+        loaders = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        if loaders is None:
+            return
+        flat = getattr(loaders, "flattened", None)
+        if flat is None:
+            flat = list(loaders.loaders.values()) if hasattr(loaders, "loaders") else [loaders]
+        for dl in flat:
+            bs = getattr(dl, "batch_sampler", None)
+            while bs is not None:
+                if callable(getattr(bs, "set_epoch", None)) and getattr(bs, "sampler", None) is None:
+                    bs.set_epoch(epoch)
+                bs = getattr(bs, "batches", None)  # zoo.checkpointing.SkipBatchSampler wraps the real one
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
