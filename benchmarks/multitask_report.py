@@ -44,8 +44,20 @@ COCO_HEADS = {"det": ("{name: det, type: fcos, num_convs: 2}", "mAP"),
               "seg": ("{name: seg, type: semantic_fpn, channels: 64, fpn_channels: 64}", "mIoU")}
 
 
+REUSE = False
+
+
 def run_train(out: Path, overrides: list[str], log: Path) -> dict:
-    """``python train.py <overrides>`` into ``out``; returns its metrics.json plus wall time and steps."""
+    """``python train.py <overrides>`` into ``out``; returns its metrics.json plus wall time and steps. With
+    ``--reuse`` a finished run folder (metrics.json, bundle and a ``wall_s`` record) is read instead of retrained."""
+    done = out / "report_run.json"
+    if REUSE and done.is_file() and (out / "metrics.json").is_file():
+        print(f"  reusing {out}", flush=True)
+        return json.loads(done.read_text())
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
     cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={out}"]
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -56,7 +68,10 @@ def run_train(out: Path, overrides: list[str], log: Path) -> dict:
         raise RuntimeError(f"training failed ({' '.join(overrides)}); see {log}")
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return {"metrics": metrics, "wall_s": wall, "steps": int(ckpt["global_step"]), "bundle": str(out / "bundle")}
+    res = {"metrics": metrics, "wall_s": wall, "steps": int(ckpt["global_step"]), "bundle": str(out / "bundle"),
+           "overrides": overrides}
+    done.write_text(json.dumps(res, indent=2))
+    return res
 
 
 def heads_override(entries: list[str]) -> str:
@@ -194,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--work", type=Path, default=None, help="run folders (default: outputs/multitask_report)")
+    ap.add_argument("--reuse", action="store_true", help="read finished run folders of an earlier report run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "multitask.md")
     args = ap.parse_args(argv)
+    global REUSE
+    REUSE = bool(args.reuse)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     work = (args.work or ROOT / "outputs" / "multitask_report").resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -183,6 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--decoders {args.decoders!r}: unknown {unknown}; choose among {','.join(DECODERS)}")
     if args.batch < 1 or args.size < 32 or args.steps < 1 or args.warmup < 0:
         p.error("need --batch >= 1, --size >= 32, --steps >= 1 and --warmup >= 0")
+    if args.batch == 1 and args.size < 64:
+        p.error("--batch 1 needs --size >= 64: a ResNet's stride-32 map is then at least 2x2 (train-mode BatchNorm "
+                "refuses one value per channel)")
     args.decoders = decoders
     return args
 

@@ -23,6 +23,7 @@ from zoo.hub.api import model_meta
 from zoo.hub.bundle import save_bundle
 from zoo.models import create_model
 from zoo.preprocess import ResizeInfo
+from zoo.generation.results import GeneratedImages
 from zoo.results import Classification, Detections, Embedding, InstanceSegmentation, SemanticSegmentation
 
 CLASSES = ["circle", "square", "star"]
@@ -35,12 +36,13 @@ LIGHT = {
     "fcos": {"num_convs": 1}, "retinanet": {"num_convs": 1},
     "semantic_fpn": {"channels": 16}, "upernet": {"channels": 16}, "deeplabv3plus": {"channels": 16},
     "embedding": {"embedding_dim": 16},
+    "diffusion": {"channels": [16, 32], "text_dim": 32, "text_layers": 1, "max_tokens": 8, "steps": 2},
 }
 #: Input side the export traces at, where 64 px does not suit the head (UPerNet's pyramid pooling to 1, 2, 3, 6
 #: cells exports only when the stride-32 map divides by them: 192 px).
 EXPORT_SIDE = {"upernet": 192}
 RESULT_TYPES = {"classification": Classification, "detection": Detections, "instance": InstanceSegmentation,
-                "semantic": SemanticSegmentation, "embedding": Embedding}
+                "semantic": SemanticSegmentation, "embedding": Embedding, "generation": GeneratedImages}
 
 
 def spec_for(head_type: str) -> dict:
@@ -84,6 +86,8 @@ def batch_for(fmt: str, n: int = 4) -> dict:
                 targets[i, y1:y2, x1:x2] = c + 1
     elif fmt == "similarity":
         targets = torch.tensor([i // 2 for i in range(n)])
+    elif fmt == "captions":
+        targets = [f"a {CLASSES[i % 3]} left of a {CLASSES[(i + 1) % 3]}" for i in range(n)]
     else:
         raise AssertionError(f"the contract test has no batch for target format {fmt!r}: add one")
     return {"images": images, "targets": targets, "target_format": fmt, "image_sizes": [(SIZE, SIZE)] * n,

@@ -240,7 +240,7 @@ def test_tampered_bundle_is_refused(exported: Path, tmp_path: Path) -> None:
     meta = json.loads((bad / "model.json").read_text())
     meta["spec"]["heads"]["cls"]["num_classes"] = 4
     (bad / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match="do not fit|do not match"):
+    with pytest.raises(BundleError, match="do not fit|do not match|was modified after the bundle was written"):
         zoo.load(bad)
 
 
@@ -335,6 +335,24 @@ def eval_batch(model, ann: Path, images_dir: Path, target: str = "detection") ->
     return collate([ds[i] for i in range(len(ds))], size_divisor=s.size_divisor), [r.file for r in ds.records]
 
 
+def eval_items(model, ann: Path, images_dir: Path, target: str = "detection") -> tuple[list[dict], list[Path]]:
+    """The evaluation path for images of different sizes: the validation loader batches images of one padded size
+    (SizeGroupedBatchSampler); returns, per image in dataset order, its batch and its index in that batch."""
+    from zoo.data.coco import CocoDataset, CocoIndex
+    from zoo.data.datamodule import collate
+    from zoo.data.samplers import SizeGroupedBatchSampler
+
+    s = model.spec
+    ds = CocoDataset(CocoIndex(ann, images_dir), target, input_size=s.input_size, resize=s.resize, mean=s.mean,
+                     std=s.std)
+    items: dict[int, dict] = {}
+    for idx in SizeGroupedBatchSampler(ds.padded_sizes(s.size_divisor), len(ds)):
+        batch = collate([ds[i] for i in idx], size_divisor=s.size_divisor)
+        for j, i in enumerate(idx):
+            items[i] = {"batch": batch, "j": j}
+    return [items[i] for i in range(len(ds))], [r.file for r in ds.records]
+
+
 def test_predictor_matches_evaluation_path_classification(exported: Path, tmp_path: Path) -> None:
     model = zoo.load(exported)
     ann, images_dir = make_tiny_coco(tmp_path, [(50, 70), (90, 40), (64, 64)])
@@ -380,13 +398,15 @@ def test_predictor_matches_evaluation_path_detection(head: str, tmp_path: Path) 
 
     model = det_model(head)
     ann, images_dir = make_tiny_coco(tmp_path, [(50, 80), (96, 40)])
-    batch, files = eval_batch(model, ann, images_dir)
+    items, files = eval_items(model, ann, images_dir)
     opts = {"score_thresh": 0.01, "max_detections": 20}
-    with torch.inference_mode():
-        dets = model.heads["det"].predict(model(batch["images"])["det"], batch["image_sizes"], **opts)
     results = Predictor(model, score_thresh=0.01, max_detections=20)(files)
     kind = DET_HEADS[head][1]
-    for i, (res, det) in enumerate(zip(results, dets)):
+    for res, item in zip(results, items):
+        b, i = item["batch"], item["j"]
+        with torch.inference_mode():
+            det = model.heads["det"].predict(model(b["images"])["det"], b["image_sizes"], **opts)[i]
+        batch = {k: {i: v[i]} for k, v in b.items() if k in ("orig_sizes", "scales", "image_sizes")}
         assert isinstance(res, InstanceSegmentation if kind == "instance" else Detections)
         assert len(res) > 0, "random-init detector should give candidates above score 0.01"
         H, W = batch["orig_sizes"][i]
@@ -416,12 +436,16 @@ def test_predictor_matches_evaluation_path_semantic(tmp_path: Path) -> None:
                           "class_names": {"seg": names}, "input_size": [64, 64], "resize": "longest",
                           "task": "semantic"}, load_backbone_weights=False).eval()
     ann, images_dir = make_tiny_coco(tmp_path, [(50, 80), (96, 40)])
-    batch, files = eval_batch(model, ann, images_dir, "semantic")
-    with torch.inference_mode():
-        preds = model.heads["seg"].predict(model(batch["images"])["seg"], batch["image_sizes"],
-                                               output_sizes=batch["orig_sizes"])
+    items, files = eval_items(model, ann, images_dir, "semantic")
+    preds, sizes = [], []
+    for item in items:
+        b, i = item["batch"], item["j"]
+        with torch.inference_mode():
+            preds.append(model.heads["seg"].predict(model(b["images"])["seg"], b["image_sizes"],
+                                                    output_sizes=b["orig_sizes"])[i])
+        sizes.append(b["orig_sizes"][i])
     results = Predictor(model)(files)
-    for res, p, size in zip(results, preds, batch["orig_sizes"]):
+    for res, p, size in zip(results, preds, sizes):
         assert isinstance(res, SemanticSegmentation) and res.class_names == names
         assert res.mask.shape == tuple(size) and res.mask.dtype == torch.int64
         assert torch.equal(res.mask, p["mask"])
@@ -548,7 +572,8 @@ def test_onnx_semantic_parity(tmp_path: Path) -> None:
     path = export_onnx(model, tmp_path / "seg")
     assert path == tmp_path / "seg" / "model.onnx"
     outputs = read_bundle_meta(path.parent)["onnx"]["outputs"]
-    assert outputs == [{"name": "seg.logits", "head": "seg", "kind": "semantic", "shape": ["batch", 4, 16, 16]}]
+    assert outputs == [{"name": "seg.logits", "head": "seg", "kind": "semantic", "shape": ["batch", 4, 16, 16],
+                        "axes": ["batch", "classes", "height", "width"]}]
     for b in (2, 3):
         x = torch.randn(b, 3, 64, 64)
         with torch.inference_mode():

@@ -7,6 +7,7 @@ safetensors)::
     zoo.list_models("*det*")          # named checkpoints
     model = zoo.load("test_resnet.shapes_cls")   # a name, a bundle folder/file, a URL or hf-hub:org/name
     zoo.Predictor(model)(["a.jpg"])   # typed results
+    zoo.Generator(model)(["a red star"], steps=25, guidance=4.0, seed=0)   # text-to-image (diffusers extra)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _LAZY = {
     "load": ("zoo.hub.api", "load"),
     "list_models": ("zoo.hub.registry", "list_models"),
     "Predictor": ("zoo.predictor", "Predictor"),
+    "Generator": ("zoo.generation.sampler", "Generator"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -11,7 +11,6 @@ file. ``draw_prediction`` is the older one-panel drawing at input resolution.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from zoo.progress import emit, progress_logger  # noqa: F401  (re-exported)
 
 __all__ = ["Visualize", "draw_prediction", "EpochSummary", "ZooModelSummary", "emit", "progress_logger"]
 
@@ -126,6 +127,8 @@ class Visualize(pl.Callback):
                 names = list(head.class_names or []) or [str(i) for i in range(int(getattr(head, "num_classes", 0)))]
                 folder = self._root(trainer, pl_module) / (name if several else "")
                 for i in range(take):
+                    if not callable(getattr(results[i], "plot", None)):
+                        break  # a result kind without a drawing
                     pred = _plot(results[i], images[i], self.score_thresh)
                     truth = None
                     if targets is not None:
@@ -198,45 +201,6 @@ def _plot_truth(kind: str, target: Any, info: Any, image: Any, names: list[str],
 
 
 # ---------------------------------------------------------------------------------------------------- progress lines
-#: zoo's own progress (one line per epoch, the model summary, final tables): under Hydra it reaches the job's log file
-#: (``train.log`` / ``evaluate.log``), and the console when the progress bar is off.
-progress_logger = logging.getLogger("zoo.progress")
-progress_logger.setLevel(logging.INFO)
-
-
-class _NotOnConsole(logging.Filter):
-    """On console handlers: drop progress records marked for the log file only (the progress bar shows them)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(record, "zoo_console", True)
-
-
-def _is_console(h: logging.Handler) -> bool:
-    return (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-            and getattr(getattr(h, "stream", None), "name", None) in ("<stdout>", "<stderr>"))
-
-
-def _handlers(logger: logging.Logger) -> list[logging.Handler]:
-    out: list[logging.Handler] = []
-    lg: logging.Logger | None = logger
-    while lg is not None:
-        out += lg.handlers
-        lg = lg.parent if lg.propagate else None
-    return out
-
-
-def emit(text: str, console: bool = True) -> None:
-    """Log ``text`` to zoo's progress logger (the run's log file under Hydra) and, when ``console``, show it on the
-    console: through a console log handler when one is configured (Hydra's), else with ``print``."""
-    handlers = _handlers(progress_logger)
-    for h in handlers:
-        if _is_console(h) and not any(isinstance(f, _NotOnConsole) for f in h.filters):
-            h.addFilter(_NotOnConsole())
-    progress_logger.info(text, extra={"zoo_console": bool(console)})
-    if console and not any(_is_console(h) for h in handlers):
-        print(text, flush=True)
-
-
 def _scalar(v: Any) -> float | None:
     try:
         f = float(v.item() if isinstance(v, torch.Tensor) else v)
@@ -254,8 +218,11 @@ class EpochSummary(pl.Callback):
 
     def __init__(self, console: bool = True) -> None:
         self.console = bool(console)
+        #: after a trainer.validate, also log the evaluation report's table (train() shows it itself)
+        self.log_report = True
         self.history: dict[str, dict[int, float]] = {}
         self._t0 = time.perf_counter()
+        self._validated = -1  # the last epoch that ran validation (other epochs show no stale val/ numbers)
 
     @staticmethod
     def _keys(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
@@ -269,10 +236,12 @@ class EpochSummary(pl.Callback):
                 return _scalar(metrics[k])
         return None
 
-    def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+    def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, val: bool = True) -> str:
         m = trainer.callback_metrics
         parts = []
         for k in self._keys(trainer, pl_module):
+            if k.startswith("val/") and not val:
+                continue
             v = self._value(m, k)
             if v is not None:
                 parts.append(f"{k} {v:.4f}")
@@ -285,22 +254,27 @@ class EpochSummary(pl.Callback):
         if trainer.sanity_checking:
             return
         epoch = int(trainer.current_epoch)
+        validated = self._validated == epoch
         for k, v in trainer.callback_metrics.items():
             f = _scalar(v)
-            if f is not None and not k.endswith("_step"):
+            if f is not None and not k.endswith("_step") and (validated or not k.startswith("val/")):
                 self.history.setdefault(k[:-6] if k.endswith("_epoch") else k, {})[epoch] = f
         if not trainer.is_global_zero:
             return
         total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
-        emit(f"epoch {epoch + 1}/{total}: {self._line(trainer, pl_module)} ({time.perf_counter() - self._t0:.1f} s)",
-             console=self.console)
+        line = self._line(trainer, pl_module, val=validated)
+        emit(f"epoch {epoch + 1}/{total}: {line} ({time.perf_counter() - self._t0:.1f} s)", console=self.console)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(trainer.state.fn, "value", trainer.state.fn) != "validate" or not trainer.is_global_zero:
+        if getattr(trainer.state.fn, "value", trainer.state.fn) != "validate":
+            if not trainer.sanity_checking:
+                self._validated = int(trainer.current_epoch)
+            return
+        if not trainer.is_global_zero:
             return
         emit(f"validation: {self._line(trainer, pl_module)}", console=False)
         report = getattr(pl_module, "last_eval_report", None) or {}
-        if isinstance(report, dict) and report.get("table"):
+        if self.log_report and isinstance(report, dict) and report.get("table"):
             emit(str(report["table"]), console=False)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "TrainConfig", "EvalConfig", "validate", "to_container"]
+__all__ = ["ConfigError", "TrainConfig", "EvalConfig", "PredictConfig", "validate", "to_container"]
 
 
 class ConfigError(ValueError):
@@ -280,6 +280,42 @@ class EvalConfig:
     visualize: int = 0
 
 
+@dataclass
+class PredictConfig:
+    """``predict.py`` / ``zoo-predict``: a model on images, a folder, a glob or a video (see :mod:`zoo.prediction`)."""
+
+    task_name: str = "predict"
+    #: a bundle folder, its model.json, a zoo run's .ckpt or a registered name (anything zoo.load takes)
+    ckpt: Optional[str] = None
+    #: an image, a folder of images / videos, a glob ('shots/*.jpg') or a video file
+    source: Optional[str] = None
+    #: cpu, cuda, cuda:1, ... or auto (cuda when available)
+    device: str = "cpu"
+    batch_size: int = 8
+    #: only these heads (default: every head)
+    heads: Optional[List[str]] = None
+    #: post-processing; null keeps the model's defaults (what evaluation used)
+    score_thresh: Optional[float] = None
+    nms_thresh: Optional[float] = None
+    max_detections: Optional[int] = None
+    top_k: int = 5
+    #: semantic heads: predict at the original resolution from windows of this size (int, [h, w] or "input")
+    seg_window: Optional[Any] = None
+    #: write annotated pictures (images/<name>.<image_format>)
+    draw: bool = True
+    #: detections / instances scoring below this are not drawn (they are still in the json)
+    draw_score_thresh: float = 0.3
+    image_format: str = "jpg"
+    #: videos: keep every n-th frame, at most max_frames frames per video
+    video_stride: int = 1
+    max_frames: Optional[int] = None
+    #: folders / '**' globs: descend into sub-folders
+    recursive: bool = False
+    progress: bool = True
+    threads: Optional[int] = None
+    paths: PathsConf = field(default_factory=PathsConf)
+
+
 #: Allowed values of string options: dotted key -> choices.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": ("shapes", "coco", "image_folder", "mask_folder", "coco_crops", "identity_folder"),
@@ -294,6 +330,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "callbacks.nonfinite": ("skip", "stop", "off"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto", "tpu"),
     "iou_type": ("bbox", "segm"),
+    "image_format": ("jpg", "png"),
 }
 
 
@@ -361,7 +398,7 @@ def to_container(cfg: Any) -> Any:
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore as ``train_schema`` / ``evaluate_schema``: the entry configs
+    """Register the schemas with Hydra's ConfigStore as ``train_schema`` / ``evaluate_schema`` / ``predict_schema``: the entry configs
     list them first in their defaults, so every group is merged over its typed schema at composition (unknown keys
     and wrong types fail there, and every schema key can be overridden without ``+``)."""
     from hydra.core.config_store import ConfigStore
@@ -369,6 +406,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvalConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
 
 
 def run_id(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:

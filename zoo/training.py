@@ -59,11 +59,10 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
     """A Lightning Trainer from the ``trainer``, ``callbacks`` and ``logger`` config groups."""
     import lightning.pytorch as pl
     from lightning.pytorch import callbacks as cb
-    from lightning.pytorch import loggers as pl_loggers
 
     t = cfg.trainer
     c = cfg.callbacks
-    from zoo.checkpointing import ResumableCSVLogger, build_run_callbacks
+    from zoo.checkpointing import build_run_callbacks
 
     callbacks: list = []
     # best.ckpt + an atomic last.ckpt on its own schedule, interrupt saves, writable check at fit setup
@@ -304,6 +303,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         curves = write_training_curves(trainer, module, out_dir)  # the CSV log is complete once fit returned
         plot_files += [curves] if curves else []
     if cfg.run_eval and best:
+        from zoo.callbacks import EpochSummary
+
+        for c in trainer.callbacks:
+            if isinstance(c, EpochSummary):
+                c.log_report = False  # the report's table is shown below, on the console and in the log
         res = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
         metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
         report = dict(getattr(module, "last_eval_report", None) or {})

@@ -9,6 +9,8 @@ category ids to contiguous labels ``0..K-1`` and back. :class:`CocoDataset` turn
 ``detection``      boxes (xyxy), labels, iscrowd; crowd and empty images kept
 ``semantic``       per-pixel class map, 255 where crowd regions or ``ignore`` lie, background = class 0
 ``instance``       detection targets + one binary mask per box
+``captions``       one caption string (``captions_<split>.json`` beside the instances json, else written from the
+                   annotations: :func:`zoo.generation.captions.record_caption`)
 =============== ==============================================================================================
 """
 
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CocoIndex", "CocoDataset", "ImageRecord", "BadAnnotationError", "TARGET_FORMATS", "load_rgb"]
 
-TARGET_FORMATS = ("classification", "multilabel", "detection", "semantic", "instance")
+TARGET_FORMATS = ("classification", "multilabel", "detection", "semantic", "instance", "captions")
 
 
 class BadAnnotationError(ValueError):
@@ -408,6 +410,10 @@ class CocoDataset(Dataset):
 
     def _target(self, fmt: str, rec: ImageRecord, boxes, labels, crowd, masks, sem, info: ResizeInfo) -> Any:
         """One format's target for an (augmented) image resized by ``info``."""
+        if fmt == "captions":  # a caption string (zoo.generation.captions); the generation head tokenises it
+            from zoo.generation.captions import record_caption
+
+            return record_caption(self.index, rec)
         if fmt == "classification":
             label = self.index.primary_label(rec)  # of the annotation, as in evaluation
             return torch.tensor(-100 if label is None else label, dtype=torch.long)

@@ -62,9 +62,9 @@ __all__ = [
 ]
 
 #: What a head's ``postprocess`` can return.
-RESULT_KINDS = ("classification", "detection", "instance", "semantic", "embedding")
+RESULT_KINDS = ("classification", "detection", "instance", "semantic", "embedding", "generation")
 #: Target formats the data layer produces (``zoo.data``): one per kind of supervision.
-TARGET_FORMATS = ("classification", "multilabel", "detection", "instance", "semantic", "similarity")
+TARGET_FORMATS = ("classification", "multilabel", "detection", "instance", "semantic", "similarity", "captions")
 #: Keys every head's config may carry besides its constructor arguments (they configure training, not the model):
 #: ``type`` and ``input`` (the spec's), ``weight`` (loss weight), ``lr_mult`` (learning-rate multiplier),
 #: ``data`` (a data config for this head's own dataset), ``frozen_epochs`` (epochs before the head trains).

@@ -2,7 +2,8 @@
 
     export_checkpoint("runs/x/checkpoints/best.ckpt", "runs/x/bundle", metrics={"val/top1": 0.91})
     export_onnx("runs/x/bundle", "runs/x/onnx/model.onnx")     # + runs/x/onnx/model.json
-    zoo-export runs/x/checkpoints/best.ckpt runs/x/bundle --onnx --torchscript
+    export_onnx("runs/x/bundle", "runs/x/onnx_nms", postprocess=True)  # detectors: boxes/scores/labels in the graph
+    zoo-export runs/x/checkpoints/best.ckpt runs/x/bundle --onnx --torchscript [--onnx-nms]
 
 The bundle's ``model.json`` describes the model completely: ``spec`` (rebuilds the architecture; the backbone's
 ``pretrained``/``weights`` keys dropped), ``task``, ``class_names``, ``input_size``, ``resize``, ``mean``, ``std``,
@@ -227,24 +228,60 @@ class _ExportWrapper(nn.Module):
     Embedding heads output their post-processed (L2-normalised) embeddings: that is what a service compares.
     """
 
-    def __init__(self, model: ZooModel, heads: list[str], kinds: dict[str, str], keys: dict[str, list[str] | None]) -> None:
+    def __init__(self, model: ZooModel, heads: list[str], kinds: dict[str, str], keys: dict[str, list[str] | None],
+                 post: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         super().__init__()
         self.model = model
         self.heads = heads
         self.kinds = kinds
         self.keys = keys
+        self.post = {n: dict(o) for n, o in (post or {}).items()}
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         raw = self.model(images, heads=self.heads)
         outs: list[torch.Tensor] = []
         for name in self.heads:
-            r = self.model.heads[name].export_outputs(raw[name])
+            r = _head_outputs(self.model, name, raw[name], image_sizes, self.post)
             keys = self.keys[name]
             if keys is None:
                 outs.append(r)
             else:
                 outs.extend(r[k] for k in keys)
         return tuple(outs)
+
+
+def _head_outputs(model: ZooModel, name: str, raw: Any, image_sizes: torch.Tensor | None,
+                  post: Mapping[str, Mapping[str, Any]]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """What the export returns for one head: its final detections when it is post-processed in the graph
+    (``post`` names it), else :meth:`~zoo.heads.base.Head.export_outputs`."""
+    head = model.heads[name]
+    if name in post:
+        return head.export_detections(raw, image_sizes, **post[name])
+    return head.export_outputs(raw)
+
+
+def _postprocess_options(model: ZooModel, options: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Per detection head that can post-process in the graph: the bundle's post-processing defaults (what
+    evaluation and the Predictor use) with ``options`` over them."""
+    from zoo.heads.detection.postprocess import DETECTION_OPTIONS
+
+    meta = getattr(model, "bundle_meta", None) or {}
+    defaults = dict(meta.get("postprocess") or {}) if isinstance(meta, Mapping) else {}
+    given = dict(options or {})
+    unknown = sorted(set(given) - set(DETECTION_OPTIONS))
+    if unknown:
+        raise ExportError(f"postprocess_options {unknown} unknown; detection post-processing takes {list(DETECTION_OPTIONS)}")
+    out = {}
+    for n, head in model.heads.items():
+        if head.result_kind == "detection" and getattr(head, "exports_postprocessing", False):
+            opts = {k: v for k, v in defaults.items() if k in DETECTION_OPTIONS and v is not None}
+            opts.update({k: v for k, v in given.items() if v is not None})
+            out[n] = opts
+    if not out:
+        raise ExportError("postprocess=True puts decoding and NMS of one-stage detection heads (fcos, retinanet) into "
+                          f"the graph; this model has none (heads: "
+                          f"{ {n: type(h).__name__ for n, h in model.heads.items()} })")
+    return out
 
 
 def _as_model(model_or_bundle: ZooModel | str | os.PathLike[str]) -> ZooModel:
@@ -266,10 +303,13 @@ def _example_size(model: ZooModel) -> tuple[int, int]:
     return (h + d - 1) // d * d, (w + d - 1) // d * d
 
 
-def _plan(model: ZooModel, size: tuple[int, int], purpose: str, dynamic_size: bool
+def _plan(model: ZooModel, size: tuple[int, int], purpose: str, dynamic_size: bool,
+          post: Mapping[str, Mapping[str, Any]] | None = None
           ) -> tuple[_ExportWrapper, list[dict[str, Any]], torch.Tensor]:
-    """Wrapper, output descriptions (name, head, kind, shape with 'batch' where it follows the input batch) and an
-    example input of batch 2."""
+    """Wrapper, output descriptions (name, head, kind, shape with 'batch' where it follows the input batch, and
+    ``axes`` naming every axis where the kind says what they are) and an example input of batch 2. ``post``: the
+    detection heads post-processed in the graph, with their options."""
+    post = dict(post or {})
     heads = list(model.heads)
     kinds = {n: model.heads[n].result_kind for n in heads}
     for n in heads:
@@ -291,11 +331,11 @@ def _plan(model: ZooModel, size: tuple[int, int], purpose: str, dynamic_size: bo
         for b in (2, 3):  # two batch sizes: the axes that follow them are the batch axes (GroupNorm refuses 1x1 at B=1)
             x = torch.zeros(b, 3, *size, device=next(model.parameters()).device)
             raw = model(x)
-            runs.append(raw)
+            runs.append((raw, torch.tensor([list(size)] * b, dtype=torch.float32, device=x.device)))
         for n in heads:
             outs = []
-            for raw in runs:
-                r = model.heads[n].export_outputs(raw[n])
+            for raw, sizes in runs:
+                r = _head_outputs(model, n, raw[n], sizes, post)
                 if isinstance(r, torch.Tensor):
                     keys[n] = None
                     outs.append([list(r.shape)])
@@ -310,11 +350,63 @@ def _plan(model: ZooModel, size: tuple[int, int], purpose: str, dynamic_size: bo
     outputs = []
     for n in heads:
         names = [n] if keys[n] is None else [f"{n}.{k}" for k in keys[n]]
-        for out_name, shape in zip(names, shapes[n]):
-            outputs.append({"name": out_name, "head": n, "kind": kinds[n], "shape": shape})
-    wrapper = _ExportWrapper(model, heads, kinds, keys).eval()
+        for out_name, key, shape in zip(names, keys[n] or [None], shapes[n]):
+            o = {"name": out_name, "head": n, "kind": kinds[n], "shape": shape}
+            axes = _axis_names(kinds[n], key, n in post, len(shape))
+            if axes:
+                o["axes"] = axes
+            outputs.append(o)
+    wrapper = _ExportWrapper(model, heads, kinds, keys, post).eval()
     example = torch.zeros(2, 3, *size, device=next(model.parameters()).device)
     return wrapper, outputs, example
+
+
+#: What the axes of an output mean, by (result kind, output key, post-processed in the graph).
+_AXES: dict[tuple[str, str | None, bool], list[str]] = {
+    ("semantic", "logits", False): ["batch", "classes", "height", "width"],
+    ("detection", "boxes", True): ["batch", "detections", "xyxy"],
+    ("detection", "scores", True): ["batch", "detections"],
+    ("detection", "labels", True): ["batch", "detections"],
+    ("detection", "num_detections", True): ["batch"],
+}
+
+
+def _axis_names(kind: str, key: str | None, post: bool, ndim: int) -> list[str] | None:
+    axes = _AXES.get((kind, key, post))
+    return list(axes) if axes is not None and len(axes) == ndim else None
+
+
+def _label_graph_axes(path: Path, outputs: list[dict[str, Any]], axes: Mapping[str, Mapping[int, str]]) -> None:
+    """Write each output's dimensions into the ONNX graph as they are: the dynamic ones under their names
+    (``batch``, ``out_height``, ...), the others as their fixed sizes. The exporter's shape inference otherwise
+    leaves names of its own there, e.g. ``batch`` on the height axis of an upsampled semantic map."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    if path.stat().st_size > 1 << 30:  # large graphs: leave them as the exporter wrote them (protobuf size limit)
+        return
+    proto = onnx.load(str(path))
+    described = {o["name"]: o for o in outputs}
+    changed = False
+    for out in proto.graph.output:
+        o = described.get(out.name)
+        if o is None or not out.type.HasField("tensor_type"):
+            continue
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != len(o["shape"]):
+            continue
+        dyn = axes.get(out.name, {})
+        for i, (d, a) in enumerate(zip(dims, o["shape"])):
+            if i in dyn:
+                d.dim_param = str(dyn[i])
+            elif isinstance(a, int):
+                d.dim_value = int(a)
+            else:
+                continue
+            changed = True
+    if changed:
+        onnx.save(proto, str(path))
 
 
 def _export_target(path: str | os.PathLike[str], default_name: str, suffixes: tuple[str, ...]) -> Path:
@@ -356,13 +448,22 @@ def _input_description(model: ZooModel, size: tuple[int, int], dynamic_batch: bo
 
 
 def export_onnx(model_or_bundle: ZooModel | str | os.PathLike[str], path: str | os.PathLike[str], *, opset: int = 17,
-                dynamic_batch: bool = True, dynamic_size: bool = False) -> Path:
+                dynamic_batch: bool = True, dynamic_size: bool = False, postprocess: bool = False,
+                postprocess_options: Mapping[str, Any] | None = None) -> Path:
     """Export a model's raw forward to ONNX, with its ``model.json`` beside it.
 
     Outputs, one per head (dict outputs flattened to ``<head>.<key>``): classification ``<head>`` logits ``(B, K)``;
-    embedding ``<head>`` L2-normalised embeddings ``(B, D)``; semantic ``<head>.logits`` ``(B, K, H/s, W/s)``;
-    one-stage detection (FCOS, RetinaNet) the raw outputs (class logits, box regression, anchors/points) for the
-    traced size. Faster/Mask R-CNN heads raise :class:`ExportError`.
+    embedding ``<head>`` L2-normalised embeddings ``(B, D)``; semantic ``<head>.logits`` ``(B, K, H/s, W/s)``
+    (axes ``batch, classes, height, width``); one-stage detection (FCOS, RetinaNet) the raw outputs (class logits,
+    box regression, anchors/points) for the traced size. Faster/Mask R-CNN heads raise :class:`ExportError`.
+
+    With ``postprocess=True`` one-stage detection heads end in their final detections instead, decoding and
+    per-class NMS (ONNX ``NonMaxSuppression``, opset >= 11) inside the graph: ``<head>.boxes`` ``(B, M, 4)`` xyxy in
+    input pixels, ``<head>.scores`` ``(B, M)`` descending, ``<head>.labels`` ``(B, M)`` int64 contiguous class ids
+    and ``<head>.num_detections`` ``(B,)``; rows past ``num_detections`` are padding (0, 0, -1), ``M`` is
+    ``max_detections`` (fewer only when the head has fewer candidates). The graph then takes a second input, ``image_sizes`` ``(B, 2)`` float32: the valid
+    ``(height, width)`` of each image inside the padding (the resized image's size; boxes are clipped to it, as
+    the Predictor does). Divide boxes by the resize scale to get original pixels.
 
     Args:
         model_or_bundle: a :class:`ZooModel` or anything :func:`zoo.load` accepts.
@@ -371,6 +472,9 @@ def export_onnx(model_or_bundle: ZooModel | str | os.PathLike[str], path: str | 
         dynamic_batch: make the batch axis dynamic (else fixed at 2, the traced batch).
         dynamic_size: make height/width dynamic (classification / embedding / semantic heads; backbones with
             fixed position embeddings may not support it).
+        postprocess: detection heads end in boxes / scores / labels with NMS in the graph (see above).
+        postprocess_options: ``score_thresh``, ``nms_thresh``, ``max_detections``, ``pre_nms_topk`` over the
+            bundle's post-processing defaults (the Predictor's).
 
     Returns:
         Path of the ``.onnx`` file.
@@ -378,10 +482,19 @@ def export_onnx(model_or_bundle: ZooModel | str | os.PathLike[str], path: str | 
     model = _as_model(model_or_bundle)
     target = _export_target(path, ONNX_FILE, (".onnx",))
     size = _example_size(model)
-    wrapper, outputs, example = _plan(model, size, "ONNX", dynamic_size)
+    post = _postprocess_options(model, postprocess_options) if postprocess else {}
+    if post and int(opset) < 11:
+        raise ExportError(f"postprocess=True needs opset >= 11 (NonMaxSuppression with batches), got opset={opset}")
+    wrapper, outputs, example = _plan(model, size, "ONNX", dynamic_size, post)
+    input_names = ["images", "image_sizes"] if post else ["images"]
+    args: tuple[torch.Tensor, ...] = (example,)
+    if post:
+        args = (example, torch.tensor([list(size)] * example.shape[0], dtype=torch.float32, device=example.device))
     axes: dict[str, dict[int, str]] = {}
     if dynamic_batch or dynamic_size:
         axes["images"] = {**({0: "batch"} if dynamic_batch else {}), **({2: "height", 3: "width"} if dynamic_size else {})}
+        if post and dynamic_batch:
+            axes["image_sizes"] = {0: "batch"}
         for o in outputs:
             d = {i: "batch" for i, a in enumerate(o["shape"]) if a == "batch" and dynamic_batch}
             if dynamic_size and o["kind"] == "semantic":
@@ -395,18 +508,27 @@ def export_onnx(model_or_bundle: ZooModel | str | os.PathLike[str], path: str | 
         warnings.simplefilter("ignore")
         with torch.no_grad():
             # The TorchScript-based exporter: it needs no extra package (the dynamo exporter needs onnxscript).
-            torch.onnx.export(wrapper, (example,), str(target), dynamo=False, input_names=["images"],
+            torch.onnx.export(wrapper, args, str(target), dynamo=False, input_names=input_names,
                               output_names=[o["name"] for o in outputs], dynamic_axes=axes or None,
                               opset_version=int(opset), do_constant_folding=True)
+    _label_graph_axes(target, outputs, axes)
     try:
         import onnx
     except ImportError:
         pass
     else:
         onnx.checker.check_model(str(target))
-    _write_export_meta(model, target, "onnx", {
+    details: dict[str, Any] = {
         "opset": int(opset), "dynamic_batch": bool(dynamic_batch), "dynamic_size": bool(dynamic_size),
-        "input": _input_description(model, size, dynamic_batch, dynamic_size), "outputs": outputs})
+        "input": _input_description(model, size, dynamic_batch, dynamic_size), "outputs": outputs}
+    if post:
+        from zoo.heads.detection.postprocess import resolve_thresholds
+
+        details["postprocess"] = {n: resolve_thresholds(model.heads[n].post, **o) for n, o in post.items()}
+        details["inputs"] = [details["input"], {
+            "name": "image_sizes", "dtype": "float32", "shape": ["batch" if dynamic_batch else 2, 2],
+            "description": "valid (height, width) of each image inside the padding: the resized image's size"}]
+    _write_export_meta(model, target, "onnx", details)
     return target
 
 
@@ -439,7 +561,8 @@ def export_torchscript(model_or_bundle: ZooModel | str | os.PathLike[str], path:
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """``zoo-export CKPT OUT [--onnx] [--torchscript]``: bundle into OUT, exports into OUT/onnx, OUT/torchscript."""
+    """``zoo-export CKPT OUT [--onnx] [--onnx-nms] [--torchscript]``: bundle into OUT, exports into OUT/onnx,
+    OUT/onnx_nms (detection post-processing in the graph), OUT/torchscript."""
     parser = argparse.ArgumentParser(
         prog="zoo-export",
         description="Export a zoo training checkpoint (.ckpt) to a serving bundle (model.safetensors + model.json), "
@@ -451,6 +574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--static-batch", action="store_true", help="ONNX: fixed batch size instead of dynamic")
     parser.add_argument("--dynamic-size", action="store_true", help="ONNX: dynamic height/width")
+    parser.add_argument("--onnx-nms", action="store_true",
+                        help="also export ONNX with detection post-processing in the graph (decoding + NMS; outputs "
+                             "<head>.boxes/scores/labels/num_detections) into OUT/onnx_nms")
+    parser.add_argument("--score-thresh", type=float, help="--onnx-nms: score threshold (default: the bundle's)")
+    parser.add_argument("--nms-thresh", type=float, help="--onnx-nms: NMS IoU threshold (default: the bundle's)")
+    parser.add_argument("--max-detections", type=int, help="--onnx-nms: detections per image (default: the bundle's)")
     parser.add_argument("--metrics", help="JSON file with {metric: value} (or zoo's metrics.json) to record")
     parser.add_argument("--dataset", help="what the metrics were measured on (free text)")
     args = parser.parse_args(argv)
@@ -463,10 +592,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ExportError(f"--metrics {args.metrics} must hold a JSON object of metric values")
         out = export_checkpoint(args.ckpt, args.out, metrics=metrics, dataset=args.dataset)
         print(f"bundle: {out}")
-        if args.onnx or args.torchscript:
+        if args.onnx or args.torchscript or args.onnx_nms:
             model = load(out)
             if args.onnx:
                 print(f"onnx: {export_onnx(model, out / 'onnx', opset=args.opset, dynamic_batch=not args.static_batch, dynamic_size=args.dynamic_size)}")
+            if args.onnx_nms:
+                opts = {"score_thresh": args.score_thresh, "nms_thresh": args.nms_thresh,
+                        "max_detections": args.max_detections}
+                path = export_onnx(model, out / "onnx_nms", opset=args.opset, dynamic_batch=not args.static_batch,
+                                   postprocess=True, postprocess_options=opts)
+                print(f"onnx (with NMS): {path}")
             if args.torchscript:
                 print(f"torchscript: {export_torchscript(model, out / 'torchscript')}")
     except (ExportError, BundleError, FileNotFoundError, json.JSONDecodeError) as e:

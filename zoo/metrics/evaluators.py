@@ -412,6 +412,15 @@ _BY_KIND = {
 }
 
 
+def _generation_evaluator(head: nn.Module, options: Mapping[str, Any] | None = None) -> Evaluator:
+    from zoo.generation.evaluator import GenerationEvaluator  # the generation package's own evaluator
+
+    return GenerationEvaluator(head, options)
+
+
+_BY_KIND["generation"] = _generation_evaluator
+
+
 def evaluator_for(head: nn.Module, options: Mapping[str, Any] | None = None) -> Evaluator:
     """The evaluator of ``head``'s result kind."""
     kind = head.result_kind

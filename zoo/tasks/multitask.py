@@ -508,6 +508,8 @@ class MultiTask(ZooTask):
                      "format": sources[0]["formats"][0] if len(sources) == 1 and len(sources[0]["formats"]) == 1
                      else [list(g["formats"]) for g in sources],
                      "val_ann_file": first.get("val_ann_file"), "val_ann_files": val_files}
+        if data_cfg.get("val_fraction") is not None:  # evaluate.py re-draws the same held-out split from it
+            data_info.update(val_fraction=float(data_cfg["val_fraction"]), val_seed=int(data_cfg.get("val_seed") or 0))
         dm = dms[0] if len(dms) == 1 else MultiSourceDataModule(dms, [g["name"] for g in sources],
                                                                 [g["heads"] for g in sources],
                                                                 mix=str(model_cfg.get("mix") or "all"), seed=seed)
@@ -532,6 +534,7 @@ class MultiTask(ZooTask):
             if dcfg.get("kind") == "mask_folder" and not (dcfg.get("extra") or {}).get("class_names") and known:
                 # the masks hold class indices; their names are the model's (no need to repeat data.extra.class_names)
                 dcfg["extra"] = {**(dcfg.get("extra") or {}), "class_names": list(known[0])}
+            _held_out_split_of_training(dcfg, self.data_info, single=len(self.sources) == 1)
             dm = datamodule_from_config(dcfg, formats, self.preprocessing(spec),
                                         size_divisor=spec["size_divisor"], stages=("val",))
             for n in heads:
@@ -548,6 +551,23 @@ class MultiTask(ZooTask):
             dms.append(dm)
         return dms[0] if len(dms) == 1 else MultiSourceDataModule(dms, [s["name"] for s in self.sources],
                                                                   [s["heads"] for s in self.sources])
+
+
+def _held_out_split_of_training(dcfg: dict[str, Any], data_info: Mapping[str, Any], *, single: bool) -> None:
+    """Evaluating on the folder a model trained on with ``data.val_fraction`` (same root, no validation split
+    folder, no val_fraction given): take the training run's fraction and seed, so the held-out images are the same."""
+    from pathlib import Path
+
+    frac = (data_info or {}).get("val_fraction")
+    root, trained_root = dcfg.get("root"), (data_info or {}).get("root")
+    if not single or frac is None or dcfg.get("val_fraction") is not None or not root or not trained_root:
+        return
+    root_p = Path(str(root)).expanduser()
+    if root_p.resolve() != Path(str(trained_root)).expanduser().resolve() or (root_p / dcfg["val_split"]).is_dir():
+        return
+    dcfg["val_fraction"], dcfg["val_seed"] = float(frac), int(data_info.get("val_seed") or 0)
+    log.info("data.val_fraction=%s, data.val_seed=%s from the checkpoint: validating on the images its training run "
+             "held out of %s", dcfg["val_fraction"], dcfg["val_seed"], root)
 
 
 def _lightning_datamodule():

@@ -214,7 +214,9 @@ def conv_tower(channels: int, num_convs: int, norm: str | None = "gn") -> nn.Seq
             nn.init.zeros_(conv.bias)
         layers.append(conv)
         if key == "gn":
-            layers.append(norm_layer("gn", channels))
+            # at least 2 channels per group: on a 1x1 level (P7 of a small image) at batch 1, one channel per group
+            # would leave GroupNorm a single value to normalise (an error, and meaningless statistics)
+            layers.append(norm_layer("gn", channels, min_per_group=2))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 

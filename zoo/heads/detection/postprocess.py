@@ -127,6 +127,30 @@ class DetectionHead(Head):
         boxes, scores = self.decode(raw)
         return postprocess_detections(boxes, scores, image_sizes, **opts)
 
+    @property
+    def exports_postprocessing(self) -> bool:
+        """Whether :meth:`export_detections` can put this head's decoding and NMS into an exported graph (one-stage
+        heads, which implement :meth:`decode`)."""
+        return self.exportable and type(self).decode is not DetectionHead.decode
+
+    def export_detections(self, raw: dict[str, torch.Tensor], image_sizes: torch.Tensor, **options: Any
+                          ) -> dict[str, torch.Tensor]:
+        """Final detections with tensor operations only, for an ONNX export with post-processing in the graph
+        (:func:`zoo.heads.detection.export.traceable_detections`): ``boxes`` ``(B, M, 4)`` xyxy input pixels,
+        ``scores`` ``(B, M)``, ``labels`` ``(B, M)`` (``-1`` padding) and ``num_detections`` ``(B,)``.
+
+        Args:
+            raw: :meth:`forward` output. image_sizes: ``(B, 2)`` valid ``(height, width)`` per image.
+            options: post-processing options (``None`` keeps the head's default).
+        """
+        from zoo.heads.detection.export import traceable_detections
+
+        if not self.exports_postprocessing:
+            raise NotImplementedError(f"{type(self).__name__} cannot export its post-processing (a two-stage head)")
+        opts = resolve_thresholds(self.post, **{k: v for k, v in options.items() if k in DETECTION_OPTIONS})
+        boxes, scores = self.decode(raw)
+        return traceable_detections(boxes, scores, image_sizes, **opts)
+
     def _result_fields(self, det: dict[str, torch.Tensor], info: Any) -> dict[str, Any]:
         names = self.class_names or [str(i) for i in range(int(getattr(self, "num_classes", 0)))]
         labels = det["labels"].long().cpu()

@@ -1,0 +1,35 @@
+"""Text-to-image generation in the zoo: captions for COCO-style data, a pixel-space diffusion head
+(:mod:`zoo.heads.generation`, diffusers' UNet and schedulers), the :class:`Generator` that samples from it, and a
+GenEval-style evaluation graded by the zoo's own detectors (:mod:`zoo.generation.grading`), with FID / KID in the
+feature space of a zoo backbone (:mod:`zoo.generation.fid`).
+
+Importing this package is lean (torch, numpy, PIL); diffusers (``pip install -e ".[gen]"``) is imported when a
+diffusion head is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "Generator": ("zoo.generation.sampler", "Generator"),
+    "GeneratedImages": ("zoo.generation.results", "GeneratedImages"),
+    "Vocabulary": ("zoo.generation.captions", "Vocabulary"),
+    "caption_for_objects": ("zoo.generation.captions", "caption_for_objects"),
+    "read_coco_captions": ("zoo.generation.captions", "read_coco_captions"),
+    "prompt_set": ("zoo.generation.prompts", "prompt_set"),
+    "Grader": ("zoo.generation.grading", "Grader"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'zoo.generation' has no attribute {name!r}")

@@ -1,0 +1,75 @@
+"""``GeneratedImages``: the typed result of a generation head (one generated picture and how it was made).
+
+Only numpy, torch and PIL are imported (serving path)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GeneratedImages"]
+
+
+@dataclass(eq=False)
+class GeneratedImages:
+    """One generated image.
+
+    Attributes:
+        image: ``(H, W, 3)`` uint8 RGB array.
+        prompt: the text it was conditioned on (``""``: unconditional).
+        seed: the seed of its initial noise (image ``i`` of a call with ``seed=s`` uses ``s + i``).
+        steps, guidance, sampler: how it was sampled (``sampler``: ``ddim`` or ``dpm``).
+    """
+
+    image: np.ndarray
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+    def png(self) -> bytes:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(self.image)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: ``prompt``, ``seed``, ``steps``, ``guidance``, ``sampler``, ``size`` ``[H, W]``,
+        ``sha256`` of the pixels and ``png_base64`` (the picture as a base64 PNG)."""
+        return {"type": "generation", "prompt": self.prompt, "seed": int(self.seed), "steps": int(self.steps),
+                "guidance": float(self.guidance), "sampler": self.sampler, "size": list(self.size),
+                "sha256": hashlib.sha256(np.ascontiguousarray(self.image).tobytes()).hexdigest(),
+                "png_base64": base64.b64encode(self.png()).decode("ascii")}
+
+    def plot(self, image: Any = None, *, pil: bool = False) -> Any:
+        """The generated picture (``image`` is ignored: there is no input picture to draw on)."""
+        if pil:
+            from PIL import Image
+
+            return Image.fromarray(self.image)
+        return self.image
+
+    def save(self, path: str | Path, image: Any = None) -> Path:
+        """``.json``: :meth:`to_dict`; a picture suffix: the picture. Returns the path."""
+        p = Path(path).expanduser()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix.lower() == ".json":
+            p.write_text(json.dumps(self.to_dict()), encoding="utf-8")
+        else:
+            from PIL import Image
+
+            Image.fromarray(self.image).save(p)
+        return p

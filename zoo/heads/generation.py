@@ -1,0 +1,305 @@
+"""Text-to-image generation head: a pixel-space diffusion model (diffusers' ``UNet2DConditionModel``) conditioned
+on a small transformer text encoder trained with it.
+
+Contract notes (how this head differs from the discriminative ones):
+
+- it reads no backbone features: :meth:`forward` only returns a ``(B,)`` placeholder (the batch size and device),
+  and :meth:`loss` reads the batch's ``images`` (the training pictures, normalised with the spec's mean / std) and
+  its ``captions`` targets itself. A generation-only model therefore still names a backbone in its spec (use the
+  tiny ``test_resnet``: its pass over 32 px images costs next to nothing and its weights stay untrained);
+- :meth:`postprocess` *generates*: one :class:`~zoo.generation.results.GeneratedImages` per input image, from the
+  ``prompts`` option (one prompt, or one per image; default ``""``, unconditional), ``steps``, ``guidance``,
+  ``seed`` and ``sampler`` (``ddim`` | ``dpm``). :class:`zoo.Generator` is the text-first way to call it;
+- not exportable to ONNX (the sampler loop is Python around the UNet).
+
+Training: ``DDPMScheduler`` noising (``num_train_timesteps``, ``beta_schedule``), ``prediction_type`` ``epsilon`` or
+``v_prediction``, captions replaced by the empty caption with probability ``cond_dropout`` (classifier-free
+guidance). Sampling: ``DDIMScheduler`` (eta 0) or ``DPMSolverMultistepScheduler`` built from the training
+scheduler's config; guidance ``uncond + g * (cond - uncond)``; image ``i`` starts from noise seeded ``seed + i``,
+so results do not depend on batching. EMA is the training task's ``model.ema``.
+
+diffusers is an optional extra (``pip install -e ".[gen]"``): it is imported when the head is built, so the
+registry and the discriminative serving path never import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.heads.base import Head, register_head
+
+__all__ = ["DiffusionHead", "TextEncoder", "SAMPLERS"]
+
+SAMPLERS = ("ddim", "dpm")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _diffusers():
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the diffusion head needs diffusers: pip install -e \".[gen]\" (or pip install "
+                          "'diffusers>=0.30')") from err
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+
+    return UNet2DConditionModel, DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler
+
+
+class TextEncoder(nn.Module):
+    """Token + position embeddings -> pre-norm transformer encoder -> LayerNorm: ``(B, L)`` ids -> ``(B, L, dim)``."""
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, max_tokens: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(1, max_tokens, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.tok(ids) + self.pos[:, : ids.shape[1]]
+        x = self.encoder(x, src_key_padding_mask=~mask)
+        return self.norm(x)
+
+
+@register_head("diffusion")
+class DiffusionHead(Head):
+    """Pixel-space text-to-image diffusion (diffusers UNet + a small text transformer); see the module docs.
+
+    Args:
+        vocab: the caption words (filled from the data by :meth:`bind_data`; stored in the spec).
+        image_size: side of the generated square images (training images are resized to it).
+        channels: UNet ``block_out_channels`` (one level per entry, each halving the resolution).
+        attention_levels: how many of the coarsest levels cross-attend to the caption (at least 1).
+        only_cross_attention: those levels' transformer blocks attend to the caption only (no self-attention: cheap
+            on CPU); ``False`` adds self-attention.
+        layers_per_block, attention_head_dim, norm_groups: UNet settings.
+        text_dim, text_layers, text_heads, max_tokens: the text encoder (``text_dim`` is the cross-attention width).
+        prediction_type: ``epsilon`` or ``v_prediction``.
+        num_train_timesteps, beta_schedule: the DDPM training schedule.
+        cond_dropout: probability of training on the empty caption (classifier-free guidance).
+        pixel_mean, pixel_std: the normalisation of the batch images (the spec's mean / std), undone to ``[-1, 1]``.
+        steps, guidance, sampler: sampling defaults.
+
+    Shapes: ``forward(features) -> (B,)`` placeholder; generated images ``(B, image_size, image_size, 3)`` uint8.
+    """
+
+    result_kind = "generation"
+    target_format = "captions"
+    default_name = "gen"
+    neck = None
+    feature_levels = "none (reads the batch images and captions, not features)"
+    exportable = False
+    options = ("prompts", "steps", "guidance", "seed", "sampler")
+
+    def __init__(self, in_channels: Sequence[int] = (), strides: Sequence[int] = (), *, vocab: Sequence[str],
+                 image_size: int = 32, channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1,
+                 attention_head_dim: int = 8, norm_groups: int = 8, attention_levels: int = 1,
+                 only_cross_attention: bool = True, text_dim: int = 64, text_layers: int = 2,
+                 text_heads: int = 4, max_tokens: int = 16, prediction_type: str = "epsilon",
+                 num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
+                 cond_dropout: float = 0.1, pixel_mean: Sequence[float] = (0.5, 0.5, 0.5),
+                 pixel_std: Sequence[float] = (0.5, 0.5, 0.5), steps: int = 25, guidance: float = 4.0,
+                 sampler: str = "ddim") -> None:
+        super().__init__()
+        from zoo.generation.captions import Vocabulary
+
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"diffusion: prediction_type={prediction_type!r}; use one of {PREDICTION_TYPES}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"diffusion: sampler={sampler!r}; use one of {SAMPLERS}")
+        UNet, DDPM, _, _ = _diffusers()
+        self.vocab = Vocabulary(list(vocab), int(max_tokens))
+        self.image_size = int(image_size)
+        chans = [int(c) for c in channels]
+        n = len(chans)
+        a = max(1, min(int(attention_levels), n - 1)) if n > 1 else 0
+        self.unet = UNet(
+            sample_size=self.image_size, in_channels=3, out_channels=3, block_out_channels=tuple(chans),
+            down_block_types=("DownBlock2D",) * (n - a) + ("CrossAttnDownBlock2D",) * a,
+            up_block_types=("CrossAttnUpBlock2D",) * a + ("UpBlock2D",) * (n - a),
+            only_cross_attention=bool(only_cross_attention),
+            layers_per_block=int(layers_per_block), cross_attention_dim=int(text_dim),
+            attention_head_dim=int(attention_head_dim), norm_num_groups=int(norm_groups))
+        self.text = TextEncoder(len(self.vocab), int(text_dim), int(text_layers), int(text_heads), int(max_tokens))
+        self.train_scheduler = DDPM(num_train_timesteps=int(num_train_timesteps), beta_schedule=beta_schedule,
+                                    prediction_type=prediction_type, clip_sample=True)
+        self.prediction_type = prediction_type
+        self.cond_dropout = float(cond_dropout)
+        self.register_buffer("pixel_mean", torch.tensor([float(v) for v in pixel_mean]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([float(v) for v in pixel_std]).view(1, 3, 1, 1), persistent=False)
+        self.defaults = {"steps": int(steps), "guidance": float(guidance), "sampler": str(sampler), "seed": 0}
+
+    # ------------------------------------------------------------------ data binding
+    @classmethod
+    def bind_data(cls, kwargs: dict[str, Any], info: Mapping[str, Any]) -> list[str] | None:
+        """The vocabulary from the data: the words of ``captions_<split>.json`` beside the training instances json
+        when it exists (real COCO), else every word an embedded-dataset caption or prompt can hold."""
+        if not kwargs.get("vocab"):
+            from pathlib import Path
+
+            from zoo.generation.captions import (build_vocabulary, captions_file_for, read_coco_captions,
+                                                 shapes_vocabulary)
+
+            ann = info.get("train_ann_file")
+            cap = captions_file_for(ann) if ann else None
+            if cap is not None and cap.is_file() and cap != Path(ann):
+                words = build_vocabulary(c for cs in read_coco_captions(cap).values() for c in cs)
+                kwargs.setdefault("max_tokens", 32)
+            else:
+                words = shapes_vocabulary(list(info.get("class_names") or []))
+            kwargs["vocab"] = list(words)
+        return None
+
+    @classmethod
+    def from_model_config(cls, kwargs: dict[str, Any], model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> None:
+        size = model_cfg.get("input_size")
+        if "image_size" not in kwargs and size:
+            kwargs["image_size"] = int(size[0])
+        if "pixel_mean" not in kwargs and model_cfg.get("mean") is not None:
+            kwargs["pixel_mean"] = [float(v) for v in model_cfg["mean"]]
+        if "pixel_std" not in kwargs and model_cfg.get("std") is not None:
+            kwargs["pixel_std"] = [float(v) for v in model_cfg["std"]]
+
+    # ------------------------------------------------------------------ the calls
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """A ``(B,)`` placeholder: the head reads no features (see the module docs)."""
+        return features[0].new_zeros(features[0].shape[0])
+
+    def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised batch images -> ``[-1, 1]`` at ``image_size``."""
+        x = (images * self.pixel_std.to(images) + self.pixel_mean.to(images)) * 2.0 - 1.0
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return x.clamp(-1.0, 1.0)
+
+    def encode_text(self, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.vocab.encode(list(prompts))
+        ids, mask = ids.to(device), mask.to(device)
+        return self.text(ids, mask), mask
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+
+    def diffusion_loss(self, images: torch.Tensor, captions: Sequence[str], *,
+                       generator: torch.Generator | None = None, drop: bool = True) -> torch.Tensor:
+        """Mean squared error of the UNet's prediction (noise or v) at random timesteps; ``generator`` fixes the
+        noise and timesteps (validation), ``drop`` applies the condition dropout."""
+        x0 = self.to_pixels(images)
+        b, dev = x0.shape[0], x0.device
+        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(dev) if generator is not None \
+            else torch.randn_like(x0)
+        T = self.train_scheduler.config.num_train_timesteps
+        t = (torch.randint(0, T, (b,), generator=generator) if generator is not None
+             else torch.randint(0, T, (b,))).to(dev)
+        caps = [str(c) for c in captions]
+        if drop and self.training and self.cond_dropout > 0:
+            keep = torch.rand(b, generator=generator) >= self.cond_dropout
+            caps = [c if k else "" for c, k in zip(caps, keep.tolist())]
+        xt = self.train_scheduler.add_noise(x0, noise, t)
+        ctx, mask = self.encode_text(caps, dev)
+        pred = self.denoise(xt, t, ctx, mask)
+        target = noise if self.prediction_type == "epsilon" else self.train_scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(pred.float(), target.float())
+
+    def loss(self, raw: Any, batch: Mapping[str, Any], criterion: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        captions = self.batch_targets(batch)
+        if captions is None:
+            return {}
+        return {"loss_diffusion": self.diffusion_loss(batch["images"], captions)}
+
+    def compute_loss(self, raw: Any, targets: Any, image_sizes: Sequence[tuple[int, int]] | None = None
+                     ) -> dict[str, torch.Tensor]:
+        raise TypeError("DiffusionHead's loss needs the batch images: call head.loss(raw, batch)")
+
+    # ------------------------------------------------------------------ sampling
+    def make_sampler(self, sampler: str):
+        _, _, DDIM, DPM = _diffusers()
+        cfg = dict(self.train_scheduler.config)
+        if sampler == "ddim":
+            return DDIM.from_config(cfg)
+        if sampler == "dpm":
+            return DPM.from_config({k: v for k, v in cfg.items() if k not in ("clip_sample", "clip_sample_range",
+                                                                              "variance_type")})
+        raise ValueError(f"sampler={sampler!r}; use one of {SAMPLERS}")
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, steps: int | None = None, guidance: float | None = None,
+                 seed: int | None = None, sampler: str | None = None, seeds: Sequence[int] | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+        """Sample one image per prompt: ``(N, image_size, image_size, 3)`` uint8 (CPU). Image ``i`` starts from
+        noise seeded ``seeds[i]`` (default ``seed + i``), drawn on the CPU so any device gives the same start."""
+        steps = int(steps if steps is not None else self.defaults["steps"])
+        guidance = float(guidance if guidance is not None else self.defaults["guidance"])
+        sampler = str(sampler or self.defaults["sampler"])
+        seed = int(seed if seed is not None else self.defaults["seed"])
+        prompts = [str(p) for p in prompts]
+        n = len(prompts)
+        if n == 0:
+            return torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8)
+        seeds = [int(s) for s in seeds] if seeds is not None else [seed + i for i in range(n)]
+        dev = torch.device(device) if device is not None else next(self.unet.parameters()).device
+        dtype = next(self.unet.parameters()).dtype
+        sched = self.make_sampler(sampler)
+        sched.set_timesteps(steps, device=dev)
+        S = self.image_size
+        x = torch.stack([torch.randn(3, S, S, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        x = (x * sched.init_noise_sigma).to(dev, dtype)
+        ctx, mask = self.encode_text(prompts, dev)
+        cfg = guidance != 1.0
+        if cfg:
+            uctx, umask = self.encode_text([""] * n, dev)
+            ctx, mask = torch.cat([uctx, ctx]), torch.cat([umask, mask])
+        ctx = ctx.to(dtype)
+        for t in sched.timesteps:
+            inp = torch.cat([x, x]) if cfg else x
+            inp = sched.scale_model_input(inp, t)
+            out = self.denoise(inp, t.expand(inp.shape[0]).to(dev), ctx, mask)
+            if cfg:
+                u, c = out.chunk(2)
+                out = u + guidance * (c - u)
+            x = sched.step(out, t, x).prev_sample
+        img = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        return img.permute(0, 2, 3, 1).cpu()
+
+    def _options(self, options: Mapping[str, Any], n: int) -> tuple[list[str], dict[str, Any]]:
+        prompts = options.get("prompts")
+        if prompts is None:
+            prompts = [""]
+        elif isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = [str(p) for p in prompts] or [""]
+        if len(prompts) not in (1, n):
+            raise ValueError(f"prompts: give one prompt or one per image ({n}), got {len(prompts)}")
+        prompts = prompts * n if len(prompts) == 1 else prompts
+        kw = {k: options.get(k, self.defaults[k]) for k in ("steps", "guidance", "seed", "sampler")}
+        kw = {k: (self.defaults[k] if v is None else v) for k, v in kw.items()}
+        return prompts, kw
+
+    def predict(self, raw: Any, image_sizes: Sequence[tuple[int, int]], **options: Any) -> list[dict[str, Any]]:
+        prompts, kw = self._options(options, int(raw.shape[0]))
+        imgs = self.generate(prompts, **kw)
+        return [{"image": im.permute(2, 0, 1), "prompt": p} for im, p in zip(imgs, prompts)]
+
+    def postprocess(self, raw: Any, infos: Sequence[Any], **options: Any) -> list[Any]:
+        from zoo.generation.results import GeneratedImages
+
+        n = len(infos)
+        prompts, kw = self._options(options, n)
+        imgs = self.generate(prompts, **kw)
+        return [GeneratedImages(image=imgs[i].numpy(), prompt=prompts[i], seed=int(kw["seed"]) + i,
+                                steps=int(kw["steps"]), guidance=float(kw["guidance"]), sampler=str(kw["sampler"]))
+                for i in range(n)]
+
+    def export_description(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "prediction_type": self.prediction_type}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
