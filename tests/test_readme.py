@@ -9,13 +9,15 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import FAST, ROOT, SHARED_DATA, SMALL_SHAPES, compose
 from zoo.config import TrainConfig, validate
 
-TINY_TRAIN = ["trainer.fast_dev_run=true", "data.batch_size=4", *FAST, "backbone.name=resnet10t",
+TINY_TRAIN = ["trainer.fast_dev_run=true", "data.batch_size=4", *FAST, "backbone.name=test_resnet",
               "model.input_size=[64,64]", "data.limit_train_images=8", "data.limit_val_images=8", *SMALL_SHAPES]
 
 
@@ -25,7 +27,8 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
-            if line.startswith(("python train.py", "python evaluate.py", "python -m zoo.data.check")):
+            if line.startswith(("python train.py", "python evaluate.py", "python predict.py", "python -m zoo.data.check",
+                                "zoo-export")):
                 cmds.append(line)
     return cmds
 
@@ -54,24 +57,46 @@ def places(tmp_path_factory) -> dict[str, str]:
     if not (SHARED_DATA / "coco128").is_dir():
         pytest.skip("../shared/data not present")
     out = tmp_path_factory.mktemp("readme_run")
-    train(compose("train", [*RUN, "trainer.max_epochs=1", "export_bundle=false"], output_dir=out))
+    train(compose("train", [*RUN, "trainer.max_epochs=1"], output_dir=out))
     gt = json.loads((SHARED_DATA / "tiny_coco" / "annotations" / "instances_train2017.json").read_text())
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in gt["annotations"] if not a.get("iscrowd")]
     res_file = out / "detections.json"
     res_file.write_text(json.dumps(results))
     ids = identity_folders(tmp_path_factory.mktemp("readme_ids"))
-    return {"run": str(out), "results": str(res_file), "ids": str(ids)}
+    det = tmp_path_factory.mktemp("readme_det")
+    train(compose("train", ["experiment=shapes_det", "backbone=test_resnet", *FAST, *SMALL_SHAPES,
+                            "model.input_size=[64,64]", "trainer.max_epochs=1", "data.batch_size=8"], output_dir=det))
+    images = tmp_path_factory.mktemp("readme_images")
+    from zoo.data.shapes import ensure_shapes_dataset
+
+    shapes_root = ensure_shapes_dataset(None, num_train=96, num_val=32, image_size=96)
+    for f in sorted((shapes_root / "val").glob("*.jpg"))[:3]:
+        (images / f.name).write_bytes(f.read_bytes())
+    folder = tmp_path_factory.mktemp("readme_folder")  # <folder>/<class>/<images>, one split
+    rng = np.random.default_rng(1)
+    for c, colour in enumerate(([200, 40, 40], [40, 200, 40], [40, 40, 200])):
+        (folder / f"class{c}").mkdir()
+        for k in range(6):
+            im = np.clip(np.array(colour) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(im).save(folder / f"class{c}" / f"{k}.png")
+    return {"run": str(out), "results": str(res_file), "ids": str(ids), "det_run": str(det), "images": str(images),
+            "folder": str(folder)}
 
 
 def _arguments(cmd: str, places: dict[str, str]) -> tuple[str, list[str]]:
     coco = str(SHARED_DATA / "coco128")
     tiny = str(SHARED_DATA / "tiny_coco")
+    if cmd.startswith(("python predict.py", "zoo-export")):  # serving commands: a detector's run and a few images
+        cmd = cmd.replace("<run>", places["det_run"]).replace("<images>", places["images"])
+    cmd = cmd.replace("<folder>", places["folder"])
     cmd = (cmd.replace("<run>", places["run"]).replace("../shared/data/coco128", coco)
            .replace("../shared/data/tiny_coco", tiny).replace("results=detections.json", f"results={places['results']}"))
     cmd = re.sub(r"=/data/coco(?=\s|$)", "=" + coco, cmd)
     cmd = re.sub(r"=/data/identities(?=\s|$)", "=" + places["ids"], cmd)
     words = shlex.split(cmd)
+    if words[0] == "zoo-export":
+        return "zoo-export", words[1:]
     args = [a for w in words[2:] for a in (RUN if w == "..." else [w])]
     return words[1], args
 
@@ -95,6 +120,23 @@ def test_readme_command_runs(cmd: str, places: dict[str, str], tmp_path: Path) -
     if "-m" in args:  # a sweep: every combination composes; the multirun itself is tested through a real process
         args = [a for a in args if a != "-m"]
         args = [a.split(",")[0] if "=" in a and "," in a and "[" not in a else a for a in args]
+    if entry == "zoo-export":  # the console script's entry point, in this process
+        from zoo.hub.export import main
+
+        args = [a.replace(places["det_run"] + "/export", str(tmp_path / "export")) for a in args]
+        assert main(args) == 0
+        assert (tmp_path / "export" / "model.json").is_file()
+        return
+    if entry == "predict.py":
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, str(ROOT / "predict.py"), *args, f"hydra.run.dir={tmp_path}",
+                               f"paths.output_dir={tmp_path}", "progress=false"], capture_output=True, text=True,
+                              cwd=str(tmp_path), timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert list(tmp_path.rglob("*.json"))
+        return
     if entry == "evaluate.py":
         extra = ["data.num_workers=0", "data.persistent_workers=false", "trainer.enable_progress_bar=false",
                  "data.limit_val_images=8"]
