@@ -12,7 +12,7 @@ safetensors)::
 
 from __future__ import annotations
 
-from typing import Any
+from zoo._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -29,12 +29,4 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        mod, attr = _LAZY[name]
-        value = getattr(importlib.import_module(mod), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+__getattr__ = lazy_getattr("zoo", _LAZY, globals())

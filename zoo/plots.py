@@ -222,12 +222,17 @@ def plot_pr_curves(precision: np.ndarray, names: Sequence[str], path: str | Path
         ax.legend(fontsize=7, loc="lower left")
     else:
         ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
+    return _finish_unit_axes(fig, ax, "recall", "precision", f"{title} (IoU {iou:.2f})", path)
+
+
+def _finish_unit_axes(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: str | Path) -> Path:
+    """Axes over [0, 1] x [0, 1] with labels, a light grid and a title; the figure saved to ``path``."""
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"{title} (IoU {iou:.2f})", fontsize=10)
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -282,10 +287,4 @@ def plot_f1_curves(precision: np.ndarray, scores: np.ndarray, names: Sequence[st
         ax.legend(fontsize=7, loc="lower left")
     else:
         ax.text(0.5, 0.5, "no matched detections", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("score threshold")
-    ax.set_ylabel("F1")
-    ax.grid(True, alpha=0.3)
-    ax.set_title(f"{title} (IoU {iou:.2f})", fontsize=10)
-    return _save(fig, path)
+    return _finish_unit_axes(fig, ax, "score threshold", "F1", f"{title} (IoU {iou:.2f})", path)

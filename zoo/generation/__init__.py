@@ -9,7 +9,7 @@ diffusion head is built.
 
 from __future__ import annotations
 
-from typing import Any
+from zoo._lazy import lazy_getattr
 
 _LAZY = {
     "Generator": ("zoo.generation.sampler", "Generator"),
@@ -24,12 +24,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        mod, attr = _LAZY[name]
-        value = getattr(importlib.import_module(mod), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'zoo.generation' has no attribute {name!r}")
+__getattr__ = lazy_getattr("zoo.generation", _LAZY, globals())
