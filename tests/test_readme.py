@@ -80,8 +80,17 @@ def places(tmp_path_factory) -> dict[str, str]:
         for k in range(6):
             im = np.clip(np.array(colour) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(im).save(folder / f"class{c}" / f"{k}.png")
+    pairs = tmp_path_factory.mktemp("readme_pairs")  # <pairs>/images + <pairs>/masks, one split
+    (pairs / "images").mkdir()
+    (pairs / "masks").mkdir()
+    for k in range(4):
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        mask[4 + k:20 + k, 6:22] = 1
+        Image.fromarray(np.where(mask[..., None] > 0, [220, 60, 60], [30, 30, 30]).astype(np.uint8)).save(
+            pairs / "images" / f"{k}.png")
+        Image.fromarray(mask, mode="L").save(pairs / "masks" / f"{k}.png")
     return {"run": str(out), "results": str(res_file), "ids": str(ids), "det_run": str(det), "images": str(images),
-            "folder": str(folder)}
+            "folder": str(folder), "pairs": str(pairs)}
 
 
 def _arguments(cmd: str, places: dict[str, str]) -> tuple[str, list[str]]:
@@ -89,7 +98,8 @@ def _arguments(cmd: str, places: dict[str, str]) -> tuple[str, list[str]]:
     tiny = str(SHARED_DATA / "tiny_coco")
     if cmd.startswith(("python predict.py", "zoo-export")):  # serving commands: a detector's run and a few images
         cmd = cmd.replace("<run>", places["det_run"]).replace("<images>", places["images"])
-    cmd = cmd.replace("<folder>", places["folder"])
+    cmd = (cmd.replace("<folder>", places["folder"]).replace("<pairs>", places["pairs"])
+           .replace("<coco>", coco).replace("<identities>", places["ids"]))
     cmd = (cmd.replace("<run>", places["run"]).replace("../shared/data/coco128", coco)
            .replace("../shared/data/tiny_coco", tiny).replace("results=detections.json", f"results={places['results']}"))
     cmd = re.sub(r"=/data/coco(?=\s|$)", "=" + coco, cmd)

@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ShapesConf:
+    """The embedded dataset (zoo.data.shapes): generated once into $ZOO_CACHE per distinct setting."""
+
     num_train: int = 1600
     num_val: int = 400
     image_size: int = 128
@@ -31,47 +33,73 @@ class ShapesConf:
 
 @dataclass
 class DataConf:
+    """Where the images and targets come from (``conf/data/*.yaml``); one dataset may feed several heads."""
+
+    #: shapes (embedded, generated) | coco (a COCO instances json) | image_folder (<root>/<split>/<class>/) |
+    #: mask_folder (<root>/<split>/images + masks) | coco_crops | identity_folder (<root>/<split>/<identity>/)
     kind: str = "shapes"
+    #: the dataset folder (coco: holds annotations/instances_<split>.json and <split>/ images)
     root: Optional[str] = None
     train_split: str = "train"
     val_split: str = "val"
+    #: coco: an annotation json other than <root>/annotations/instances_<split>.json (relative paths under root)
     train_ann: Optional[str] = None
     val_ann: Optional[str] = None
+    #: coco: an image folder other than <root>/<split>
     train_images: Optional[str] = None
     val_images: Optional[str] = None
+    #: images per training step (per device); eval_batch_size defaults to it
     batch_size: int = 64
     eval_batch_size: Optional[int] = None
+    #: loader processes per data source (0: load in the training process)
     num_workers: int = 2
     pin_memory: bool = True
     persistent_workers: bool = True
+    #: raise: stop at the first bad annotation or image, naming it; skip: drop and count them
     on_bad_annotation: str = "raise"
     #: decode every image when the COCO index is built: corrupt files are then found before training (and, with
     #: on_bad_annotation=skip, skipped and counted like missing ones) instead of when a worker reaches them
     verify_images: bool = False
+    #: boxes narrower or shorter than this (px, after clipping) are dropped and counted
     min_box_size: float = 1.0
+    #: coco + classification: multi-hot targets over the categories present instead of the largest object's class
     multilabel: bool = False
+    #: albumentations transforms, applied to the original image with its boxes and masks: [{type: Name, ...}]
     augment: List[Any] = field(default_factory=list)
+    #: boxes keeping less than this fraction of their area after augmentation are dropped
     min_visibility: float = 0.3
+    #: use only the first N images (crops for similarity) of a split: quick trials
     limit_train_images: Optional[int] = None
     limit_val_images: Optional[int] = None
     #: image_folder / mask_folder: hold out this fraction of <root>/<train_split> (or of a flat <root>) for
     #: validation when there is no <root>/<val_split>; stratified by class for image_folder, seeded by val_seed
     val_fraction: Optional[float] = None
     val_seed: int = 0
+    #: the embedded dataset's size and seed
     shapes: ShapesConf = field(default_factory=ShapesConf)
+    #: dataset-kind options, checked against zoo.data.datamodule.DATA_EXTRA_KEYS (multiscale, class_names, identity,
+    #: context, min_size, test_identity_fraction, split_seed)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class BackboneConf:
+    """The shared backbone: any timm model name, wrapped with ``features_only`` (zoo.backbones.TimmBackbone)."""
+
     name: str = "resnet18"
+    #: timm hub weights (needs the network or timm's cache; offline it fails at once saying how to give local ones)
     pretrained: bool = False
+    #: a local file: a timm state dict or a zoo bundle's model.safetensors (refused when it does not hold the backbone)
     weights: Optional[str] = None
+    #: which feature levels to expose (timm out_indices); null: all
     out_indices: Optional[List[int]] = None
+    #: true/"all" freezes the whole backbone, an int N the first N levels (frozen BatchNorm stays in eval mode)
     freeze: Any = 0
     grad_checkpointing: bool = False
     drop_path_rate: float = 0.0
+    #: ViTs: the input size the position embeddings are built for
     img_size: Optional[Any] = None
+    #: plain ViTs: channels of the simple feature pyramid built on their single-stride output
     pyramid_channels: Optional[int] = None
 
 
