@@ -163,6 +163,124 @@ def test_bundle_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
     assert np.array_equal(got, want)
 
 
+def _oracle(head, targets: torch.Tensor, *, error: float = 0.0):
+    """A stand-in for ``head.denoise`` that knows the clean image of every row (``targets`` (R, 3, S, S), rows in
+    the order the sampler batches them) and returns the exact noise or v for it, plus ``error`` times a fixed
+    random field (a slightly wrong model)."""
+    ab_all = head.train_scheduler.alphas_cumprod
+    wrong = torch.randn(targets.shape, generator=torch.Generator().manual_seed(123))
+
+    def denoise(x, t, ctx, mask):
+        denoise.max_input = max(denoise.max_input, float(x.abs().max()))
+        ab = ab_all[t.cpu()].view(-1, 1, 1, 1).to(x)
+        eps = (x - ab.sqrt() * targets) / (1 - ab).sqrt()
+        out = eps if head.prediction_type == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * targets
+        return out + error * wrong
+    denoise.max_input = 0.0
+    return denoise
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_sampling_recovers_an_oracles_image_and_applies_guidance(sampler: str, prediction_type: str) -> None:
+    """With a denoiser that knows the answer the sampler must land on it: the schedule, the timesteps, the start
+    noise, the prediction-type conversion and the output range are right; with guidance g the result is
+    ``uncond + g * (cond - uncond)`` (the unconditional rows come first). A 1 % wrong epsilon model must not push
+    the sample off the noisy-image manifold: DPM-Solver++ did not clip its image estimate, ``(x - sigma eps) /
+    alpha`` with alpha ~5e-5 at the first step, so the next input held values ~30 that a real UNet turns into
+    saturated noise (the grids of the issue)."""
+    torch.manual_seed(0)
+    spec = tiny_spec(16)
+    spec["heads"]["gen"]["prediction_type"] = prediction_type
+    head = zoo.create_model(spec).eval().heads["gen"]
+    y = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.8 - 0.4  # within [-0.4, 0.4]
+    want = ((y + 1) * 127.5).permute(0, 2, 3, 1)
+    head.denoise = _oracle(head, y)
+    got = head.generate(["a red star", "a cross"], steps=10, guidance=1.0, sampler=sampler).float()
+    assert (got - want).abs().max() <= 2.0, (got - want).abs().max()
+    uncond = torch.zeros_like(y)  # mid grey
+    head.denoise = _oracle(head, torch.cat([uncond, y]))
+    got = head.generate(["a red star", "a cross"], steps=10, guidance=2.0, sampler=sampler).float()
+    want2 = ((uncond + 2.0 * (y - uncond) + 1) * 127.5).permute(0, 2, 3, 1)
+    assert (got - want2).abs().max() <= 2.0, (got - want2).abs().max()
+    if prediction_type == "epsilon":
+        head.denoise = oracle = _oracle(head, y, error=0.01)
+        head.generate(["a red star", "a cross"], steps=10, guidance=1.0, sampler=sampler)
+        assert oracle.max_input < 6.0, oracle.max_input  # x_t = a y + s n, |n| < ~4.5; unclipped dpm: ~30
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_sampler_agrees_with_diffusers_stepping(sampler: str) -> None:
+    """The zoo's loop (start noise, guidance batching, model-input scaling, steps) against a plain loop over the
+    diffusers scheduler configured from scratch, the same UNet, text and start noise."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    torch.manual_seed(0)
+    head = zoo.create_model(tiny_spec(16)).eval().heads["gen"]
+    with torch.no_grad():  # a random UNet's output is ~0: make it matter
+        for p in head.unet.conv_out.parameters():
+            p.mul_(50.0)
+    prompts, g, steps = ["a red star", "two blue circles", "a cross left of a square"], 3.0, 8
+    got = head.generate(prompts, steps=steps, guidance=g, sampler=sampler, seed=5)
+    common = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction",
+              "timestep_spacing": "trailing"}
+    sched = (DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True) if sampler == "ddim" else
+             DPMSolverMultistepScheduler(**common, thresholding=True, sample_max_value=1.0))
+    sched.set_timesteps(steps)
+    x = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(5 + i)) for i in range(3)])
+    x = x * sched.init_noise_sigma
+    with torch.no_grad():
+        c, cm = head.encode_text(prompts, torch.device("cpu"))
+        u, um = head.encode_text([""] * 3, torch.device("cpu"))
+        for t in sched.timesteps:
+            xin = sched.scale_model_input(x, t)
+            eu = head.unet(xin, t, encoder_hidden_states=u, encoder_attention_mask=um).sample
+            ec = head.unet(xin, t, encoder_hidden_states=c, encoder_attention_mask=cm).sample
+            x = sched.step(eu + g * (ec - eu), t, x).prev_sample
+    want = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert (got.int() - want.int()).abs().max() <= 1
+    assert float(want.float().std()) > 20  # not a flat image: the comparison means something
+
+
+def test_overfit_reproduces_the_image() -> None:
+    """Four 16 px images with their captions, ~200 steps: DDIM with each caption draws its image back (mean
+    squared error far below noise's); and the one-step image estimate from a half-noised training image is close."""
+    from zoo.generation.prompts import Prompt
+
+    torch.manual_seed(0)
+    spec = tiny_spec(16)
+    spec["heads"]["gen"].update(cond_dropout=0.0, channels=[16, 32])
+    model = zoo.create_model(spec)
+    head = model.heads["gen"]
+    ps = [Prompt(f"a {c} {s}", "colors", ({"shape": s, "color": c, "count": None},))
+          for c, s in [("red", "circle"), ("blue", "square"), ("green", "star"), ("yellow", "triangle")]]
+    x = torch.stack([torch.from_numpy(render_prompt(p, image_size=16, seed=i)).permute(2, 0, 1).float() / 127.5 - 1
+                     for i, p in enumerate(ps)])
+    texts = [p.text for p in ps]
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    idx = torch.arange(16) % 4
+    for _ in range(200):
+        loss = head.diffusion_loss(x[idx], [texts[i] for i in idx.tolist()])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        t = torch.full((4,), 500)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        xt = head.train_scheduler.add_noise(x, noise, t)
+        ctx, mask = head.encode_text(texts, torch.device("cpu"))
+        v = head.denoise(xt, t, ctx, mask)
+        ab = head.train_scheduler.alphas_cumprod[500]
+        x0 = ab.sqrt() * xt - (1 - ab).sqrt() * v
+    assert float(((x0 - x) ** 2).mean()) < 0.05
+    imgs = head.generate(texts, steps=20, guidance=1.0, sampler="ddim").permute(0, 3, 1, 2).float() / 127.5 - 1
+    mse = ((imgs - x) ** 2).mean((1, 2, 3))
+    noise_mse = float(((torch.randn(x.shape).clamp(-1, 1) - x) ** 2).mean())  # ~0.75
+    assert float(mse.max()) < 0.1 * noise_mse, (mse, noise_mse)
+
+
 @pytest.mark.slow
 @pytest.mark.skip(reason="open (issue 13): after 300 CPU steps the samples are still noise to the grader "
                          "(0.25 trained vs 0.25 untrained); the learning criterion is not met yet")

@@ -239,3 +239,23 @@ def test_class_balanced_batches_change_from_epoch_to_epoch(tmp_path: Path) -> No
                          callbacks=[Record()], default_root_dir=str(tmp_path))
     trainer.fit(MultiTask(**kwargs, init_weights=False), datamodule=dm)
     assert len(seen[0]) == len(seen[1]) == 2 and seen[0] != seen[1]
+
+
+def test_warmup_epochs_count_real_epochs_when_max_steps_stops_training(tmp_path: Path) -> None:
+    """``trainer.max_steps`` with a large ``max_epochs``: warm-up still lasts ``warmup_epochs`` real epochs (it
+    lasted one step: steps per epoch were taken as total steps / max_epochs)."""
+    import lightning.pytorch as pl
+
+    task = _task()
+    task.hparams.scheduler = {"name": "cosine", "warmup_epochs": 1.0, "warmup_start_factor": 0.01}
+    images = torch.randn(40, 3, 64, 64)
+    loader = torch.utils.data.DataLoader(
+        [{"images": images[i]} for i in range(40)], batch_size=8,
+        collate_fn=lambda s: {"images": torch.stack([x["images"] for x in s]), "targets": torch.zeros(len(s)).long(),
+                              "target_format": "classification", "image_sizes": [(64, 64)] * len(s)})
+    trainer = pl.Trainer(max_steps=20, max_epochs=1000, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(task, train_dataloaders=loader)
+    fn = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert fn(0) == pytest.approx(0.01) and fn(2) < 0.5 and fn(5) == pytest.approx(1.0, abs=0.1)

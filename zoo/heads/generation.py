@@ -15,8 +15,9 @@ Contract notes (how this head differs from the discriminative ones):
 Training: ``DDPMScheduler`` noising (``num_train_timesteps``, ``beta_schedule``), ``prediction_type`` ``epsilon`` or
 ``v_prediction``, captions replaced by the empty caption with probability ``cond_dropout`` (classifier-free
 guidance). Sampling: ``DDIMScheduler`` (eta 0) or ``DPMSolverMultistepScheduler`` built from the training
-scheduler's config; guidance ``uncond + g * (cond - uncond)``; image ``i`` starts from noise seeded ``seed + i``,
-so results do not depend on batching. EMA is the training task's ``model.ema``.
+scheduler's config (trailing timesteps, the predicted image clipped to ``[-1, 1]``: ``make_sampler``); guidance
+``uncond + g * (cond - uncond)``; image ``i`` starts from noise seeded ``seed + i``, so results do not depend on
+batching. EMA is the training task's ``model.ema``.
 
 diffusers is an optional extra (``pip install -e ".[gen]"``): it is imported when the head is built, so the
 registry and the discriminative serving path never import it.
@@ -81,7 +82,10 @@ class DiffusionHead(Head):
             on CPU); ``False`` adds self-attention.
         layers_per_block, attention_head_dim, norm_groups: UNet settings.
         text_dim, text_layers, text_heads, max_tokens: the text encoder (``text_dim`` is the cross-attention width).
-        prediction_type: ``epsilon`` or ``v_prediction``.
+        prediction_type: ``v_prediction`` (default) or ``epsilon``. Under ``squaredcos_cap_v2`` (terminal
+            ``alpha_bar`` ~2e-9) an epsilon model's image estimate at high noise is its noise error amplified up to
+            ~2e4 times, and the deterministic samplers carry that into the picture as grain unless the model is
+            trained far longer; v's image estimate has unit gain at every noise level.
         num_train_timesteps, beta_schedule: the DDPM training schedule.
         cond_dropout: probability of training on the empty caption (classifier-free guidance).
         pixel_mean, pixel_std: the normalisation of the batch images (the spec's mean / std), undone to ``[-1, 1]``.
@@ -102,7 +106,7 @@ class DiffusionHead(Head):
                  image_size: int = 32, channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1,
                  attention_head_dim: int = 8, norm_groups: int = 8, attention_levels: int = 1,
                  only_cross_attention: bool = True, text_dim: int = 64, text_layers: int = 2,
-                 text_heads: int = 4, max_tokens: int = 16, prediction_type: str = "epsilon",
+                 text_heads: int = 4, max_tokens: int = 16, prediction_type: str = "v_prediction",
                  num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
                  cond_dropout: float = 0.1, pixel_mean: Sequence[float] = (0.5, 0.5, 0.5),
                  pixel_std: Sequence[float] = (0.5, 0.5, 0.5), steps: int = 25, guidance: float = 4.0,
@@ -221,13 +225,23 @@ class DiffusionHead(Head):
 
     # ------------------------------------------------------------------ sampling
     def make_sampler(self, sampler: str):
+        """The sampling scheduler from the training one's config (same betas and ``prediction_type``), stepping
+        ``"trailing"`` timesteps (the first step is at ``T - 1``, where the start noise is pure noise) and keeping the
+        predicted image in ``[-1, 1]``: DDIM's ``clip_sample``; DPM-Solver++ has no ``clip_sample`` and
+        unclipped, its first data prediction from an epsilon model, ``(x - sigma_t eps) / alpha_t`` with ``alpha_t``
+        ~5e-5 at ``T - 1`` under ``squaredcos_cap_v2``, blows any error up into saturated noise, so it thresholds
+        with ``sample_max_value`` 1 (that is plain clipping to ``[-1, 1]``)."""
         _, _, DDIM, DPM = _diffusers()
         cfg = dict(self.train_scheduler.config)
+        clip = bool(cfg.get("clip_sample", True))
+        rng = float(cfg.get("clip_sample_range", 1.0))
         if sampler == "ddim":
-            return DDIM.from_config(cfg)
+            return DDIM.from_config(cfg, timestep_spacing="trailing", set_alpha_to_one=True)
         if sampler == "dpm":
             return DPM.from_config({k: v for k, v in cfg.items() if k not in ("clip_sample", "clip_sample_range",
-                                                                              "variance_type")})
+                                                                              "variance_type")},
+                                   timestep_spacing="trailing", thresholding=clip, sample_max_value=rng,
+                                   dynamic_thresholding_ratio=1.0)
         raise ValueError(f"sampler={sampler!r}; use one of {SAMPLERS}")
 
     @torch.no_grad()

@@ -177,9 +177,16 @@ class ZooTask(pl.LightningModule):
         sched_cfg = self.hparams.scheduler
         if sched_cfg["name"] == "none":
             return opt
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        per_epoch = max(1, total // epochs) if self.trainer.max_epochs and self.trainer.max_epochs > 0 else total
+        total = int(self.trainer.estimated_stepping_batches)  # also sets up the training data
+        # optimizer steps of one real epoch (so warmup_epochs / step_epochs mean epochs even when max_steps ends the
+        # run long before max_epochs would)
+        batches = self.trainer.num_training_batches
+        accumulate = max(1, int(self.trainer.accumulate_grad_batches or 1))
+        if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
+            per_epoch = max(1, math.ceil(int(batches) / accumulate))
+        else:
+            epochs = max(1, int(self.trainer.max_epochs or 1))
+            per_epoch = max(1, total // epochs) if self.trainer.max_epochs and self.trainer.max_epochs > 0 else total
         sched = torch.optim.lr_scheduler.LambdaLR(opt, build_lr_lambda(sched_cfg, total, per_epoch))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
