@@ -243,8 +243,9 @@ def test_sampler_agrees_with_diffusers_stepping(sampler: str) -> None:
 
 
 def test_overfit_reproduces_the_image() -> None:
-    """Four 16 px images with their captions, ~200 steps: DDIM with each caption draws its image back (mean
-    squared error far below noise's); and the one-step image estimate from a half-noised training image is close."""
+    """Four 16 px images with their captions, 250 steps: the one-step image estimate from a half-noised training
+    image is close (v model ~0.016; an epsilon model of the same budget ~0.12) and DDIM with each caption draws its
+    image back (mean squared error <= 0.05, noise's ~0.75; an epsilon model's samples stayed grainy, ~0.1-0.3)."""
     from zoo.generation.prompts import Prompt
 
     torch.manual_seed(0)
@@ -259,8 +260,8 @@ def test_overfit_reproduces_the_image() -> None:
     texts = [p.text for p in ps]
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    idx = torch.arange(16) % 4
-    for _ in range(200):
+    idx = torch.arange(8) % 4
+    for _ in range(250):
         loss = head.diffusion_loss(x[idx], [texts[i] for i in idx.tolist()])
         opt.zero_grad()
         loss.backward()
@@ -277,13 +278,13 @@ def test_overfit_reproduces_the_image() -> None:
     assert float(((x0 - x) ** 2).mean()) < 0.05
     imgs = head.generate(texts, steps=20, guidance=1.0, sampler="ddim").permute(0, 3, 1, 2).float() / 127.5 - 1
     mse = ((imgs - x) ** 2).mean((1, 2, 3))
-    noise_mse = float(((torch.randn(x.shape).clamp(-1, 1) - x) ** 2).mean())  # ~0.75
+    noise_mse = float(((torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).clamp(-1, 1) - x) ** 2).mean())
     assert float(mse.max()) < 0.1 * noise_mse, (mse, noise_mse)
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="open (issue 13): after 300 CPU steps the samples are still noise to the grader "
-                         "(0.25 trained vs 0.25 untrained); the learning criterion is not met yet")
+@pytest.mark.skip(reason="issue 13: passed once after the sampler fixes (0.21 untrained -> 0.71 after 450 steps, "
+                         "179 s on 1 loaded core); a second, reliability run and its time are still to be checked")
 def test_tiny_training_run_beats_an_untrained_model() -> None:
     """Colour prompts on big single shapes: after a short training the colour of the samples follows the prompt
     (pixel colour check of the grader) far more often than an untrained model's."""
@@ -297,9 +298,10 @@ def test_tiny_training_run_beats_an_untrained_model() -> None:
     prompts = [Prompt(f"a {c} {s}", "colors", ({"shape": s, "color": c, "count": None},))
                for c in COLOR_NAMES for s in ("circle", "square")]
 
-    def grade(m) -> float:
-        imgs = zoo.Generator(m)([p.text for p in prompts], steps=10, seed=0, sampler="dpm", guidance=3.0)
-        return float(np.mean([pixel_color(im, min_fraction=0.05) == p.objects[0]["color"] for im, p in zip(imgs, prompts)]))
+    def grade(m) -> float:  # guidance 1: stronger guidance over-saturates this small model's backgrounds too
+        imgs = zoo.Generator(m)([p.text for p in prompts], steps=10, seed=0, sampler="dpm", guidance=1.0, n=2)
+        want = [p.objects[0]["color"] for p in prompts for _ in range(2)]
+        return float(np.mean([pixel_color(im, min_fraction=0.05) == c for im, c in zip(imgs, want)]))
 
     before = grade(model)
     data = [(render_prompt(p, image_size=16, seed=i), p.text) for i, p in enumerate(prompts * 4)]
@@ -308,7 +310,7 @@ def test_tiny_training_run_beats_an_untrained_model() -> None:
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
     model.train()
     g = torch.Generator().manual_seed(0)
-    for step in range(150):
+    for step in range(450):
         idx = torch.randint(0, len(texts), (24,), generator=g)
         loss = head.diffusion_loss(x[idx], [texts[i] for i in idx.tolist()])
         opt.zero_grad()
