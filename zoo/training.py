@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -267,12 +268,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule, kwargs = cls.build(cfg)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist: give <run>/checkpoints/last.ckpt to resume")
-    if cfg.ckpt_path:
-        from zoo.hub.bundle import read_lightning_checkpoint
-
-        # Same weights-only load Lightning does in fit(), but a refused pickle gets zoo's clear CheckpointLoadError
-        # (which never suggests weights_only=False) instead of torch's raw message from deep inside fit().
-        read_lightning_checkpoint(cfg.ckpt_path)
     if cfg.init_from and (cfg.backbone.pretrained or cfg.backbone.weights):
         log.warning("init_from=%s gives the backbone's weights: backbone.pretrained / backbone.weights are not used",
                     cfg.init_from)
@@ -287,7 +282,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer, ckpt_cb = build_trainer(cfg, out_dir, monitor=module.main_metric, mode=module.main_mode,
                                      callbacks_extra=[Visualize(int(cfg.callbacks.visualize),
                                                                 score_thresh=float(cfg.callbacks.visualize_score_thresh))])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True if cfg.ckpt_path else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path,
+                    weights_only=True if cfg.ckpt_path else None)
+    except pickle.UnpicklingError as err:
+        if not cfg.ckpt_path:
+            raise
+        from zoo.hub.bundle import checkpoint_load_error
+
+        # Lightning's weights-only load refused the resume checkpoint: zoo's clear CheckpointLoadError (which never
+        # suggests weights_only=False) instead of torch's raw message
+        raise checkpoint_load_error(cfg.ckpt_path, err) from None
     fit_s = time.perf_counter() - t0
 
     best = ckpt_cb.best_model_path or None
