@@ -269,8 +269,9 @@ def test_val_fraction_errors_name_the_fix(tmp_path: Path) -> None:
     root = tmp_path / "data"
     colour_folders(root / "train", {"a": (200, 0, 0), "b": (0, 200, 0)}, n=3, size=16)
     base = ["data=image_folder", f"data.root={root}", "backbone=test_resnet", "model.input_size=[32,32]"]
-    with pytest.raises(FileNotFoundError, match="data.val_fraction=0.2"):
-        _datamodule(base, tmp_path)
+    dm = _datamodule(base, tmp_path)  # no val folder: 20 % held out by default, as data.val_fraction=0.2 does
+    assert len(dm.val_set) >= 1 and len(dm.train_set) + len(dm.val_set) == 6
+    assert dm.val_set.samples == _datamodule([*base, "data.val_fraction=0.2"], tmp_path).val_set.samples
     with pytest.raises(ConfigError, match="leaves the validation split empty"):
         _datamodule([*base, "data.val_fraction=0.05"], tmp_path)
     with pytest.raises(ConfigError, match="between 0 and 1"):

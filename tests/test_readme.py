@@ -28,10 +28,14 @@ def readme_commands() -> list[str]:
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
             if line.startswith(("python train.py", "python evaluate.py", "python predict.py", "python -m zoo.data.check",
-                                "zoo-export")):
+                                "zoo-export", *SHARD_COMMANDS)):
                 cmds.append(line)
     return cmds
 
+
+#: Sharded-data commands (zoo.data.shards, zoo-embed --shards / --merge, torchrun of zoo-embed): run by
+#: :func:`_run_shard_command`, ``<shards>`` standing for a folder of tiny embedded-dataset shards (``train/``, ``val/``).
+SHARD_COMMANDS = ("python -m zoo.data.shards", "zoo-embed", "torchrun")
 
 COMMANDS = readme_commands()
 
@@ -90,7 +94,55 @@ def places(tmp_path_factory) -> dict[str, str]:
             pairs / "images" / f"{k}.png")
         Image.fromarray(mask, mode="L").save(pairs / "masks" / f"{k}.png")
     return {"run": str(out), "results": str(res_file), "ids": str(ids), "det_run": str(det), "images": str(images),
-            "folder": str(folder), "pairs": str(pairs)}
+            "folder": str(folder), "pairs": str(pairs), "shards": str(_tiny_shards(tmp_path_factory.mktemp("readme_shards")))}
+
+
+def _tiny_shards(out: Path) -> Path:
+    """``<shards>``: the small embedded dataset (SMALL_SHAPES' sizes) as COCO shards, ``train/`` and ``val/``."""
+    from zoo.data.shapes import ensure_shapes_dataset
+    from zoo.data.shards import write_shards
+
+    root = ensure_shapes_dataset(None, num_train=96, num_val=32, image_size=96)
+    for split in ("train", "val"):
+        write_shards("coco", root, out / split, split=split, shard_size=25)
+    return out
+
+
+def _run_shard_command(cmd: str, places: dict[str, str], tmp_path: Path) -> None:
+    """A sharded-data command as a user runs it, in ``tmp_path``: ``write`` into ``tmp_path`` (the embedded dataset
+    at SMALL_SHAPES' size), everything else on the tiny shards; ``--merge`` after writing the parts it names."""
+    import os
+    import subprocess
+    import sys
+
+    from zoo.similarity_cli import embed_shards
+
+    coco = str(SHARED_DATA / "coco128")
+    words = shlex.split(cmd.replace("../shared/data/coco128", coco).replace("<folder>", places["folder"]))
+    if words[:4] == ["python", "-m", "zoo.data.shards", "write"]:
+        words = [w.replace("<shards>", str(tmp_path)) for w in words]
+        if "shapes" in words:
+            words += ["--num-train", "96", "--num-val", "32", "--image-size", "96"]
+    else:
+        words = [w.replace("<shards>", places["shards"]) for w in words]
+    if words[0] == "python":
+        argv = [sys.executable, *words[1:]]
+    elif words[0] == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", *words[1:], "--no-progress"]
+    else:  # zoo-embed: the console script's module
+        if "--merge" in words:
+            model, shards = "test_resnet.shapes_sim", str(Path(places["shards"]) / "val")
+            parts = [w for w in words if ".part-" in w]
+            world = int(parts[0].split("-of-")[1].split(".")[0])
+            for r in range(world):
+                embed_shards(model, shards, tmp_path / words[words.index("--out") + 1], rank=r, world_size=world,
+                             progress=False)
+        argv = [sys.executable, "-m", "zoo.similarity_cli", *words[1:]]
+        if "--merge" not in words:
+            argv.append("--no-progress")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def _arguments(cmd: str, places: dict[str, str]) -> tuple[str, list[str]]:
@@ -98,7 +150,7 @@ def _arguments(cmd: str, places: dict[str, str]) -> tuple[str, list[str]]:
     tiny = str(SHARED_DATA / "tiny_coco")
     if cmd.startswith(("python predict.py", "zoo-export")):  # serving commands: a detector's run and a few images
         cmd = cmd.replace("<run>", places["det_run"]).replace("<images>", places["images"])
-    cmd = (cmd.replace("<folder>", places["folder"]).replace("<pairs>", places["pairs"])
+    cmd = (cmd.replace("<folder>", places["folder"]).replace("<pairs>", places["pairs"]).replace("<shards>", places["shards"])
            .replace("<coco>", coco).replace("<identities>", places["ids"]))
     cmd = (cmd.replace("<run>", places["run"]).replace("../shared/data/coco128", coco)
            .replace("../shared/data/tiny_coco", tiny).replace("results=detections.json", f"results={places['results']}"))
@@ -118,6 +170,9 @@ def test_readme_command_runs(cmd: str, places: dict[str, str], tmp_path: Path) -
 
     if ("coco128" in cmd or "/data/coco" in cmd or "tiny_coco" in cmd) and not (SHARED_DATA / "coco128").is_dir():
         pytest.skip("../shared/data not present")
+    if cmd.startswith(SHARD_COMMANDS):
+        _run_shard_command(cmd, places, tmp_path)
+        return
     entry, args = _arguments(cmd, places)
     if entry == "-m":  # a module command: run it as a user would
         import subprocess

@@ -94,6 +94,49 @@ def test_last_ckpt_is_written_every_epoch_and_every_n_steps(tmp_path: Path, monk
     assert not list((tmp_path / "checkpoints").glob("*.tmp")), "a temporary file was left behind"
 
 
+def test_last_ckpt_written_right_after_best_is_the_same_file_not_a_second_serialisation(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """The monitor (epoch, mode=max) improves every epoch: from the second epoch on, last.ckpt written right after
+    best.ckpt in the same hook is a link to those bytes (one serialisation per epoch, not two), and its content is
+    what a fresh serialisation gives; in an epoch where the best does not move, last.ckpt is serialised."""
+    from zoo.checkpointing import ZooCheckpoint
+
+    saves: list[str] = []
+    orig_save = ZooCheckpoint._save_checkpoint
+
+    def spy(self, trainer, filepath):
+        real = trainer.save_checkpoint
+
+        def counted(path, weights_only=False):
+            saves.append(Path(filepath).name)
+            return real(path, weights_only)
+
+        trainer.save_checkpoint = counted
+        try:
+            orig_save(self, trainer, filepath)
+        finally:
+            trainer.save_checkpoint = real
+
+    monkeypatch.setattr(ZooCheckpoint, "_save_checkpoint", spy)
+    ov = [*BASE, "trainer.max_epochs=3", "callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=max",
+          "callbacks.checkpoint.last_every_minutes=0"]
+    res = train(compose("train", ov, output_dir=tmp_path))
+    best, last = Path(res["best_ckpt"]), Path(res["last_ckpt"])
+    assert best.stat().st_ino == last.stat().st_ino or best.read_bytes() == last.read_bytes()
+    # epoch 0 serialises both (last.ckpt's own path enters the state only then); epochs 1 and 2 link last.ckpt
+    assert saves.count(last.name) == 1 and saves.count(best.name) == 3, saves
+    a, b = _ckpt(best), _ckpt(last)
+    assert a["global_step"] == b["global_step"] == 3 * STEPS_PER_EPOCH
+    cb = next(k for k in b["callbacks"] if k.startswith("ModelCheckpoint"))
+    assert b["callbacks"][cb]["last_model_path"] == str(last) and b["callbacks"][cb]["best_model_path"] == str(best)
+    # a run whose best never moves after epoch 0 serialises last.ckpt itself every epoch
+    saves.clear()
+    ov[-3:-1] = ["callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=min"]
+    res = train(compose("train", ov, output_dir=tmp_path / "flat"))
+    assert saves.count("last.ckpt") == 3 and saves.count(Path(res["best_ckpt"]).name) == 1, saves
+    assert _ckpt(Path(res["last_ckpt"]))["global_step"] == 3 * STEPS_PER_EPOCH
+
+
 def test_last_ckpt_every_few_minutes(tmp_path: Path, monkeypatch) -> None:
     from zoo.checkpointing import ZooCheckpoint
 

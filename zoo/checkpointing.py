@@ -21,12 +21,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import threading
@@ -272,6 +274,16 @@ def _skip_saving(trainer: Any) -> bool:
     return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """``dst`` with the bytes of ``src``: a hard link where the file system allows it, else a copy."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 class ZooCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` for ``best.ckpt`` plus an independent, atomic ``last.ckpt`` schedule and interrupt saves.
 
@@ -304,6 +316,9 @@ class ZooCheckpoint(ModelCheckpoint):
         self._force_quit = False
         self._prev_handlers: dict[int, Any] = {}
         self._trainer: Any = None
+        self._flag_group: Any = None
+        self._just_written: tuple | None = None
+        self._linking = False
 
     @property
     def state_key(self) -> str:
@@ -322,20 +337,51 @@ class ZooCheckpoint(ModelCheckpoint):
             super()._save_checkpoint(trainer, filepath)
             return
         tmp = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
-        trainer.save_checkpoint(tmp, self.save_weights_only)
+        source = self._same_checkpoint_written(trainer)
+        if source is not None:
+            # last.ckpt right after best.ckpt in the same hook, same step, same callback state: the bytes would be
+            # identical, so link (or copy) the file just written instead of serialising the whole state again
+            if trainer.is_global_zero:
+                _link_or_copy(source, tmp)
+        else:
+            trainer.save_checkpoint(tmp, self.save_weights_only)
         if trainer.is_global_zero:
             os.replace(tmp, filepath)
         trainer.strategy.barrier("zoo_checkpoint_replace")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+        self._just_written = (filepath, trainer.global_step, self.save_weights_only, self._state_snapshot())
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
+    def _state_snapshot(self) -> str:
+        return repr(sorted((k, repr(v.tolist() if isinstance(v, torch.Tensor) else v))
+                           for k, v in self.state_dict().items()))
+
+    def _same_checkpoint_written(self, trainer: Any) -> str | None:
+        """The file written just before in this hook if writing now would give the same bytes, else None."""
+        prev = getattr(self, "_just_written", None)
+        if not prev or not self._linking:
+            return None
+        path, step, weights_only, state = prev
+        if step != trainer.global_step or weights_only != self.save_weights_only or not os.path.isfile(path):
+            return None
+        return path if state == self._state_snapshot() else None
+
+    def _save_topk_checkpoint(self, trainer: Any, monitor_candidates: dict) -> None:
+        self._just_written = None
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict) -> None:
         if not self.save_last:
             return
-        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._linking = True  # only here, right after the top-k save of the same hook call, may a write be a link
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._linking = False
+            self._just_written = None
         self._last_write_step = trainer.global_step
         self._last_write_time = time.monotonic()
         self._wrote_last_since_batch = True
@@ -366,6 +412,12 @@ class ZooCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_write_time = time.monotonic()
+        self._flag_group = None
+        if trainer.world_size > 1 and self.handle_signals and torch.distributed.is_initialized():
+            # the per-step "was any rank signalled" vote runs on CPU tensors: over the default group when it is gloo,
+            # else over a gloo group made here (every rank), so it adds no GPU synchronisation to the step
+            gloo = torch.distributed.get_backend() == "gloo"
+            self._flag_group = torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
         self._install_signal_handlers(trainer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -380,7 +432,15 @@ class ZooCheckpoint(ModelCheckpoint):
             if due:
                 self.write_last(trainer)
         self._wrote_last_since_batch = False
-        if self._signum is not None and not trainer.received_sigterm:
+        if trainer.world_size > 1 and self._flag_group is not None:
+            # every rank at the same step: stop together if any rank was signalled (a rank stopping alone would leave
+            # the others waiting in the next step's collectives)
+            flag = torch.tensor([int(self._signum or 0)], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._flag_group)
+            if int(flag.item()):
+                self._signum = self._signum or int(flag.item())
+                raise SIGTERMException()  # on every rank; on_exception saves last.ckpt
+        elif self._signum is not None and not trainer.received_sigterm:
             raise SIGTERMException()  # Lightning's flag could not be set: stop here, on_exception saves
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -450,12 +510,23 @@ class ZooCheckpoint(ModelCheckpoint):
             self._restore_signal_handlers()
             raise KeyboardInterrupt
         self._signum = signum
-        prev = self._prev_handlers.get(signum)
-        if signum == signal.SIGTERM and callable(prev):
-            prev(signum, frame)  # Lightning's own SIGTERM handling (sets its flag, stops DDP workers)
-        connector = getattr(self._trainer, "_signal_connector", None)
-        if connector is not None and hasattr(connector, "received_sigterm"):
-            connector.received_sigterm = True  # Lightning stops at the end of this step, as on SIGTERM
+        if self._flag_group is not None:
+            # several processes: no collective inside a signal handler (Lightning's SIGTERM handler broadcasts, which
+            # deadlocks when the other ranks are inside the step's all-reduce) and no rank-local stop; the ranks vote
+            # at the end of the step (on_train_batch_end). Processes Lightning started itself get the signal too.
+            launcher = getattr(getattr(self._trainer, "strategy", None), "launcher", None)
+            if launcher is not None:
+                try:
+                    launcher.kill(signum)
+                except Exception:  # noqa: BLE001 - best effort: the children may be gone already
+                    pass
+        else:
+            prev = self._prev_handlers.get(signum)
+            if signum == signal.SIGTERM and callable(prev):
+                prev(signum, frame)  # Lightning's own SIGTERM handling (sets its flag, stops DDP workers)
+            connector = getattr(self._trainer, "_signal_connector", None)
+            if connector is not None and hasattr(connector, "received_sigterm"):
+                connector.received_sigterm = True  # Lightning stops at the end of this step, as on SIGTERM
         log.warning("%s received: finishing this training step, saving last.ckpt, then stopping (send it again to "
                     "stop at once, without saving)", signal.Signals(signum).name)
 
@@ -532,19 +603,32 @@ class ResumableTrainData(Callback):
     At ``fit`` setup it wraps the datamodule's ``train_dataloader``: shuffling becomes a permutation seeded by
     ``(seed, epoch)`` and the batch sampler can skip batches. Its state in the checkpoint is the epoch and the number
     of batches done in it; a resumed run skips exactly those and continues with the rest of that epoch. Loaders it
-    cannot reproduce (iterable datasets, sampling with replacement, several processes) are left as they are
+    cannot reproduce (other iterable datasets, sampling with replacement, several processes) are left as they are
     (Lightning then runs the remaining number of batches of the epoch from a fresh pass).
+
+    A loader over a shard stream (:class:`zoo.data.shards.ShardStream`, ``data=shards``) is kept as it is, with any
+    number of processes: the stream is told the epoch at every epoch start, and on resume the epoch and the batches
+    done (every rank has done the same number), which it skips itself.
     """
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)
         self.sampler: SkipBatchSampler | None = None
+        self.stream: Any = None
+        self._stream_saved: dict[str, Any] = {}
         self._pending: tuple[int, int] | None = None
         self._trainer: Any = None
         self._datamodule: Any = None
 
     # ------------------------------------------------------------------ loader
     def wrap(self, dl: Any, trainer: Any) -> Any:
+        from zoo.data.datamodule import _is_stream
+
+        if isinstance(dl, DataLoader) and _is_stream(dl.dataset):
+            self.stream = dl.dataset
+            if self._pending is not None:
+                self._apply_stream(self.stream, *self._pending)
+            return dl
         if trainer is not None and trainer.world_size > 1:
             return dl
         if not isinstance(dl, DataLoader) or isinstance(dl.dataset, IterableDataset):
@@ -573,6 +657,10 @@ class ResumableTrainData(Callback):
         sampler.set_epoch(epoch)
         sampler.skip = skip
 
+    def _apply_stream(self, stream: Any, epoch: int, skip: int) -> None:
+        # the plan the position was saved under (processes, workers, seed): the stream warns when it changed
+        stream.load_state_dict({**self._stream_saved, "epoch": epoch, "consumed": skip})
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -593,6 +681,11 @@ class ResumableTrainData(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._pending = None  # the resumed pass exists now; later loaders start their epochs from the beginning
 
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # before the epoch's loader iterator (and its workers) is made; epoch 0's was made at setup, with epoch 0
+        if self.stream is not None:
+            self.stream.set_epoch(trainer.current_epoch)
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._datamodule is not None and "train_dataloader" in vars(self._datamodule):
             del self._datamodule.train_dataloader
@@ -600,7 +693,7 @@ class ResumableTrainData(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         t = self._trainer
-        if t is None or self.sampler is None:
+        if t is None or (self.sampler is None and self.stream is None):
             return {}
         bp = t.fit_loop.epoch_loop.batch_progress.current
         # Saved in on_train_batch_end the batch is processed but not yet completed; Lightning counts it as done.
@@ -608,6 +701,9 @@ class ResumableTrainData(Callback):
         done = int(bp.processed if on_batch_end else bp.completed)
         n = t.num_training_batches
         finished = bool(isinstance(n, (int, float)) and not math.isinf(n) and done >= n)
+        if self.sampler is None:
+            plan = {k: v for k, v in self.stream.state_dict().items() if k in ("world_size", "num_workers", "seed")}
+            return {"epoch": int(self.stream.epoch), "batches_done": done, "epoch_finished": finished, "stream": plan}
         return {"epoch": int(self.sampler.epoch), "batches_done": done, "epoch_finished": finished}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -617,8 +713,11 @@ class ResumableTrainData(Callback):
         if state_dict.get("epoch_finished"):
             epoch, done = epoch + 1, 0
         self._pending = (epoch, done)
+        self._stream_saved = dict(state_dict.get("stream") or {})
         if self.sampler is not None:
             self._apply(self.sampler, epoch, done)
+        if self.stream is not None:
+            self._apply_stream(self.stream, epoch, done)
 
 
 # ---------------------------------------------------------------------------------------------------- CSV log

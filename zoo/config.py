@@ -36,7 +36,8 @@ class DataConf:
     """Where the images and targets come from (``conf/data/*.yaml``); one dataset may feed several heads."""
 
     #: shapes (embedded, generated) | coco (a COCO instances json) | image_folder (<root>/<split>/<class>/) |
-    #: mask_folder (<root>/<split>/images + masks) | coco_crops | identity_folder (<root>/<split>/<identity>/)
+    #: mask_folder (<root>/<split>/images + masks) | coco_crops | identity_folder (<root>/<split>/<identity>/) |
+    #: shards (WebDataset shards of any of these: data.urls, data.val_urls; zoo.data.shards)
     kind: str = "shapes"
     #: the dataset folder (coco: holds annotations/instances_<split>.json and <split>/ images)
     root: Optional[str] = None
@@ -68,13 +69,31 @@ class DataConf:
     augment: List[Any] = field(default_factory=list)
     #: boxes keeping less than this fraction of their area after augmentation are dropped
     min_visibility: float = 0.3
+    #: JPEGs much larger than the network input are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (several times
+    #: faster), never below what the resize needs (validation: both sides >= max(input_size); training: 2x that, or
+    #: what the smallest RandomResizedCrop needs); boxes and masks follow. false: always decode at full size
+    fast_decode: bool = True
+    #: validation samples (deterministic: no augmentation) kept in memory after the first pass, up to this many MiB
+    #: per loader process (0: off); later validations skip decoding and resizing
+    val_cache_mb: int = 512
     #: use only the first N images (crops for similarity) of a split: quick trials
     limit_train_images: Optional[int] = None
     limit_val_images: Optional[int] = None
     #: image_folder / mask_folder: hold out this fraction of <root>/<train_split> (or of a flat <root>) for
-    #: validation when there is no <root>/<val_split>; stratified by class for image_folder, seeded by val_seed
+    #: validation when there is no <root>/<val_split>; stratified by class for image_folder, seeded by val_seed.
+    #: null: 0.2 when there is no validation folder (logged), none when there is one
     val_fraction: Optional[float] = None
     val_seed: int = 0
+    #: shards (WebDataset tars written by ``python -m zoo.data.shards write``): the training shards (a folder
+    #: holding manifest.json, paths or http(s)/pipe: urls, brace lists train-{000000..000009}.tar, '::'-separated)
+    urls: Optional[Any] = None
+    #: shards: the validation shards (null: validate on data.urls, with a warning)
+    val_urls: Optional[Any] = None
+    #: shards: the manifests (default: manifest.json beside the first shard; pipe: urls need them given)
+    manifest: Optional[str] = None
+    val_manifest: Optional[str] = None
+    #: shards: samples each loader worker's shuffle buffer holds (training)
+    shuffle_buffer: int = 1000
     #: the embedded dataset's size and seed
     shapes: ShapesConf = field(default_factory=ShapesConf)
     #: dataset-kind options, checked against zoo.data.datamodule.DATA_EXTRA_KEYS (multiscale, class_names, identity,
@@ -111,6 +130,23 @@ class EMAConf:
 
 
 @dataclass
+class MixupConf:
+    """Mixup / CutMix of training batches that feed only single-label classification heads (other batches are left
+    as they are): the loss is ``lam * loss(y) + (1 - lam) * loss(y[perm])``, with ``lam`` drawn from
+    ``Beta(alpha, alpha)`` per batch (CutMix: ``lam`` is the kept area of the pasted box)."""
+
+    #: Beta(a, a) for mixup (0: off)
+    mixup_alpha: float = 0.0
+    #: Beta(a, a) for CutMix (0: off); with both on, CutMix is chosen with probability switch_prob
+    cutmix_alpha: float = 0.0
+    #: probability that a batch is mixed at all
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    #: stop mixing for the last N epochs (a clean tail, as recipes do for strong augmentation)
+    off_last_epochs: int = 0
+
+
+@dataclass
 class ModelConf:
     """The model: one backbone (``backbone`` group), optional necks and any set of heads, trained together.
 
@@ -143,6 +179,7 @@ class ModelConf:
     embedding_dim: int = 256
     postprocess: Dict[str, Any] = field(default_factory=dict)
     ema: EMAConf = field(default_factory=EMAConf)
+    mixup: MixupConf = field(default_factory=MixupConf)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,6 +203,24 @@ class SchedulerConf:
     min_lr_factor: float = 0.01
     step_epochs: List[int] = field(default_factory=list)
     gamma: float = 0.1
+
+
+@dataclass
+class FSDPConf:
+    """``trainer.strategy=fsdp`` (``trainer=fsdp``): Lightning's FSDPStrategy, GPU only (torch's FSDP needs an
+    accelerator). Checkpoints are always full (one file assembled on rank 0), so best.ckpt / last.ckpt, resume and
+    bundle export work as with DDP."""
+
+    #: classes that become FSDP units, as import paths (timm.models.vision_transformer.Block); null: the backbone's
+    #: repeated block class (every timm module class named *Block in the architecture: ViT/DeiT/BEiT Block, EvaBlock,
+    #: SwinTransformerBlock, ConvNeXtBlock, ...)
+    wrap: Optional[List[str]] = None
+    #: recompute the wrapped blocks' activations in the backward pass (less memory, ~30% more compute)
+    activation_checkpointing: bool = False
+    #: FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD (shard within a node, replicate across nodes)
+    sharding_strategy: str = "FULL_SHARD"
+    #: keep parameters and gradients in host memory between uses (slow; for models that do not fit otherwise)
+    cpu_offload: bool = False
 
 
 @dataclass
@@ -196,6 +251,8 @@ class TrainerConf:
     compile: bool = False
     compile_mode: Optional[str] = None
     threads: Optional[int] = None
+    #: strategy=fsdp options (conf/trainer/fsdp.yaml)
+    fsdp: FSDPConf = field(default_factory=FSDPConf)
 
 
 @dataclass
@@ -346,7 +403,7 @@ class PredictConfig:
 
 #: Allowed values of string options: dotted key -> choices.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.kind": ("shapes", "coco", "image_folder", "mask_folder", "coco_crops", "identity_folder"),
+    "data.kind": ("shapes", "coco", "image_folder", "mask_folder", "coco_crops", "identity_folder", "shards"),
     "data.on_bad_annotation": ("raise", "skip"),
     "model.task": ("classification", "detection", "semantic", "instance", "similarity", "multitask"),
     "model.resize": ("stretch", "longest", "letterbox"),
@@ -357,6 +414,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "callbacks.progress_bar": ("tqdm", "rich", "none"),
     "callbacks.nonfinite": ("skip", "stop", "off"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto", "tpu"),
+    "trainer.fsdp.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
     "iou_type": ("bbox", "segm"),
     "image_format": ("jpg", "png"),
 }
@@ -437,14 +495,96 @@ def register_configs() -> None:
     cs.store(name="predict_schema", node=PredictConfig)
 
 
-def run_id(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
-    """A run folder name unique even for runs started in the same second: the time (``pattern``), microseconds and
-    the process id, e.g. ``2025-01-31_12-00-00_123456-4242``."""
+def launch_id() -> str | None:
+    """A name every process of one multi-process launch computes alike, or ``None`` outside one: ``torchrun-<id>``
+    (torchrun's rendezvous id: random per launch, ``--rdzv-id`` on several nodes) or ``slurm-<job id>`` (a job with
+    several tasks; a requeued job keeps its id, so it finds its run folder again)."""
+    import os
+    import re
+
+    def clean(v: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", v)[:40]
+
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID")
+    if rdzv and rdzv != "none":
+        return f"torchrun-{clean(rdzv)}"
+    job = os.environ.get("SLURM_JOB_ID")
+    try:
+        tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    except ValueError:
+        tasks = 1
+    if job and tasks > 1:
+        array = os.environ.get("SLURM_ARRAY_JOB_ID")
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{clean(array)}_{clean(task)}" if array and task else f"slurm-{clean(job)}"
+    return None
+
+
+def process_rank() -> int:
+    """This process's rank as the launcher's environment gives it (``RANK``, ``SLURM_PROCID``, else ``LOCAL_RANK``
+    as Lightning's own launcher sets it; 0 without any)."""
+    import os
+
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        try:
+            return int(os.environ[var])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def _own_run_id(pattern: str) -> str:
     import os
     from datetime import datetime
 
     now = datetime.now()
     return f"{now.strftime(pattern)}_{now.microsecond:06d}-{os.getpid()}"
+
+
+def _run_id_from_torchrun_store(pattern: str) -> str | None:
+    """Under torchrun (its agent hosts the store the workers rendezvous through): rank 0's own run id, which it
+    publishes in that store and the other workers read, on every node. ``None`` outside torchrun or on any failure."""
+    import os
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=300))
+        key = f"zoo/run_id/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        if int(os.environ.get("RANK", "0")) == 0:
+            value = _own_run_id(pattern)
+            store.set(key, value)
+            return value
+        return store.get(key).decode()
+    except Exception:  # noqa: BLE001 - no usable store: the launch id (or the per-process name) instead
+        return None
+
+
+def run_id(pattern: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    """A run folder name unique even for runs started in the same second: the time (``pattern``), microseconds and
+    the process id, e.g. ``2025-01-31_12-00-00_123456-4242``. Under a multi-process launcher every process must land
+    in the same folder: under torchrun every worker takes rank 0's name (shared through torchrun's store), under srun
+    with several tasks the name is ``slurm-<job id>`` (:func:`launch_id`)."""
+    return _run_id_from_torchrun_store(pattern) or launch_id() or _own_run_id(pattern)
+
+
+def hydra_subdir(name: str = ".hydra") -> str | None:
+    """``hydra.output_subdir``: ``.hydra`` on rank 0, none on the other processes of a launch (they share the run
+    folder, and rank 0's copy of the config is the run's)."""
+    return name if process_rank() == 0 else None
+
+
+def rank_suffix() -> str:
+    """``""`` on rank 0, ``_rank<N>`` elsewhere: the other processes of a launch log to ``train_rank<N>.log``."""
+    r = process_rank()
+    return "" if r == 0 else f"_rank{r}"
 
 
 def config_groups(*groups: str) -> str:
@@ -462,6 +602,10 @@ def register_resolvers() -> None:
     ``${zoo.groups:<group>,...}`` (:func:`config_groups`)."""
     if not OmegaConf.has_resolver("zoo.run_id"):
         OmegaConf.register_new_resolver("zoo.run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("zoo.hydra_subdir"):
+        OmegaConf.register_new_resolver("zoo.hydra_subdir", hydra_subdir)
+    if not OmegaConf.has_resolver("zoo.rank_suffix"):
+        OmegaConf.register_new_resolver("zoo.rank_suffix", rank_suffix)
     if not OmegaConf.has_resolver("zoo.groups"):
         OmegaConf.register_new_resolver("zoo.groups", config_groups)
 

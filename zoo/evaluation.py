@@ -70,10 +70,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
     extra = getattr(module, "last_eval_report", None) or {}
     payload = {"checkpoint": str(cfg.ckpt_path), "data": to_container(cfg.data), "metrics": metrics, **extra}
-    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2, default=str))
-    if extra.get("table"):
-        print(extra["table"], flush=True)
-    print(format_metrics(metrics, f"metrics of {cfg.ckpt_path}"), flush=True)
+    if trainer.is_global_zero:  # the other processes of a torchrun / srun launch share the folder
+        (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2, default=str))
+        if extra.get("table"):
+            print(extra["table"], flush=True)
+        print(format_metrics(metrics, f"metrics of {cfg.ckpt_path}"), flush=True)
     return {"metrics": metrics, "output_dir": str(out_dir), **extra}
 
 

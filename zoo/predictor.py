@@ -26,8 +26,8 @@ from PIL import Image
 from zoo.hub.api import load, model_meta
 from zoo.models import ZooModel
 from zoo.preprocess import (  # noqa: F401  (boxes/masks_to_original: re-exported for callers of zoo.predictor)
-    ResizeInfo, boxes_to_original, compute_resize, decode_rgb, masks_to_original, normalize, pad_batch, pil_to_rgb,
-    resize_image,
+    ResizeInfo, boxes_to_original, compute_resize, decode_rgb, decode_rgb_reduced, masks_to_original, normalize, pad_batch,
+    pil_to_rgb, resize_image,
 )
 from zoo.results import Result, SemanticSegmentation
 
@@ -36,6 +36,19 @@ __all__ = ["Predictor", "ImageInput", "to_rgb_array"]
 #: One image: a file path, encoded bytes, a PIL image, an ``(H, W, 3)`` uint8 RGB array or a ``(3, H, W)`` uint8 tensor.
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
 
+
+
+def _decode(image: ImageInput, min_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``(RGB array, full (H, W))``: files and bytes through :func:`zoo.preprocess.decode_rgb_reduced` (a large
+    JPEG decoded at 1/2..1/8 scale, both sides >= ``min_side``), everything else through :func:`to_rgb_array`."""
+    if min_side and isinstance(image, (str, os.PathLike)):
+        arr, _, full = decode_rgb_reduced(Path(image).expanduser(), str(image), min_side)
+        return arr, full
+    if min_side and isinstance(image, (bytes, bytearray, memoryview)):
+        arr, _, full = decode_rgb_reduced(io.BytesIO(bytes(image)), f"the given bytes ({len(image)} bytes)", min_side)
+        return arr, full
+    arr = to_rgb_array(image)
+    return arr, arr.shape[:2]
 
 
 def to_rgb_array(image: ImageInput) -> np.ndarray:
@@ -123,7 +136,7 @@ class Predictor:
                  max_detections: int | None = None, top_k: int = 5, heads: Sequence[str] | None = None,
                  seg_window: int | Sequence[int] | str | None = None,
                  seg_stride: int | Sequence[int] | None = None,
-                 head_options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 head_options: Mapping[str, Mapping[str, Any]] | None = None, fast_decode: bool = True) -> None:
         if not isinstance(model, torch.nn.Module):
             model = load(model, device=device or "cpu")
         if not isinstance(model, ZooModel):
@@ -142,6 +155,8 @@ class Predictor:
         self.meta: dict[str, Any] = dict(getattr(model, "bundle_meta", None) or model_meta(self.spec))
         self.batch_size = int(batch_size)
         self.top_k = int(top_k)
+        # JPEG files / bytes much larger than the input decoded at 1/2..1/8 scale, as validation does (data.fast_decode)
+        self.fast_decode = bool(fast_decode)
         names = list(heads) if heads is not None else list(model.heads)
         for n in names:
             if n not in model.heads:
@@ -196,19 +211,21 @@ class Predictor:
         return [str(i) for i in range(int(k))]
 
     # ------------------------------------------------------------------ preprocessing
-    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[ResizeInfo]]:
+    def preprocess(self, images: Sequence[np.ndarray], orig_sizes: Sequence[tuple[int, int]] | None = None
+                   ) -> tuple[torch.Tensor, list[ResizeInfo]]:
         """Resize, normalise and pad RGB arrays exactly as evaluation does.
 
         Args:
             images: ``(H_i, W_i, 3)`` uint8 RGB arrays (see :func:`to_rgb_array`).
+            orig_sizes: the images' full ``(H, W)`` when they were decoded reduced (results refer to it).
 
         Returns:
             ``(batch (B, 3, H, W) float32 on the predictor's device, resize records)``.
         """
         s = self.spec
         infos, tensors = [], []
-        for arr in images:
-            info = compute_resize(arr.shape[:2], s.input_size, s.resize)
+        for k, arr in enumerate(images):
+            info = compute_resize(orig_sizes[k] if orig_sizes else arr.shape[:2], s.input_size, s.resize)
             tensors.append(normalize(resize_image(arr, info), s.mean, s.std))
             infos.append(info)
         batch = pad_batch(tensors, size_divisor=s.size_divisor)
@@ -227,16 +244,20 @@ class Predictor:
         """
         items = _as_list(images)
         out: list[Result | dict[str, Result]] = []
+        windowed = self.seg_window is not None and "semantic" in self.kinds.values()  # tiles need full resolution
+        min_side = max(int(v) for v in self.spec.input_size) if self.fast_decode and not windowed else None
         for start in range(0, len(items), self.batch_size):
-            arrays = [to_rgb_array(x) for x in items[start:start + self.batch_size]]
-            out.extend(self._predict_arrays(arrays))
+            decoded = [_decode(x, min_side) for x in items[start:start + self.batch_size]]
+            out.extend(self._predict_arrays([a for a, _ in decoded], [hw for _, hw in decoded]))
         return out
 
     def predict_one(self, image: ImageInput) -> Result | dict[str, Result]:
         """:meth:`__call__` for a single image, returning its result rather than a one-element list."""
         return self([image])[0]
 
-    def _predict_arrays(self, arrays: list[np.ndarray]) -> list[Result | dict[str, Result]]:
+    def _predict_arrays(self, arrays: list[np.ndarray], orig_sizes: list[tuple[int, int]] | None = None
+                        ) -> list[Result | dict[str, Result]]:
+        sizes = orig_sizes or [a.shape[:2] for a in arrays]
         windowed = [n for n in self.heads if self.seg_window is not None and self.kinds[n] == "semantic"]
         rest = [n for n in self.heads if n not in windowed]
         per_head: dict[str, list[Result]] = {}
@@ -244,8 +265,8 @@ class Predictor:
             if rest:
                 # Images are batched only with images of the same padded size, so that no image's result depends
                 # on which others share its call (padding would otherwise enter normalisation layers and borders).
-                for idx in self._size_groups(arrays):
-                    batch, infos = self.preprocess([arrays[i] for i in idx])
+                for idx in self._size_groups(sizes):
+                    batch, infos = self.preprocess([arrays[i] for i in idx], [sizes[i] for i in idx])
                     raw = self.model(batch, heads=rest)
                     for name in rest:
                         res = self._postprocess(name, raw[name], infos)
@@ -258,13 +279,13 @@ class Predictor:
             return per_head[self.heads[0]]
         return [{name: per_head[name][i] for name in self.heads} for i in range(len(arrays))]
 
-    def _size_groups(self, arrays: list[np.ndarray]) -> list[list[int]]:
-        """Indices of ``arrays`` grouped by the padded input size each image gets (order kept within a group)."""
+    def _size_groups(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
+        """Indices of images of ``(H, W)`` ``sizes`` grouped by the padded input size each gets (order kept)."""
         s = self.spec
         d = max(1, int(s.size_divisor))
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, arr in enumerate(arrays):
-            h, w = compute_resize(arr.shape[:2], s.input_size, s.resize).size
+        for i, hw in enumerate(sizes):
+            h, w = compute_resize(hw, s.input_size, s.resize).size
             groups.setdefault(((h + d - 1) // d, (w + d - 1) // d), []).append(i)
         return list(groups.values())
 

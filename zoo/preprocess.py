@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["RESIZE_MODES", "ResizeInfo", "decode_rgb", "check_decodable", "compute_resize", "resize_image", "normalize", "resize_boxes",
+__all__ = ["RESIZE_MODES", "ResizeInfo", "decode_rgb", "decode_rgb_reduced", "reduced_size", "subsample_to", "check_decodable", "compute_resize", "resize_image", "normalize", "resize_boxes",
            "resize_mask", "pad_batch", "boxes_to_original", "masks_to_original", "MASK_THRESHOLD", "IGNORE_INDEX"]
 
 #: Label of pixels that carry no loss and no score (crowd regions, padding, unlabelled mask pixels).
@@ -65,6 +65,46 @@ def decode_rgb(src, what: str) -> np.ndarray:
     with _pil_errors(what), Image.open(src) as im:
         im.load()
         return _rgb8(_exif_upright(im))
+
+
+def decode_rgb_reduced(src, what: str, min_side: int | None) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """:func:`decode_rgb`, but a JPEG much larger than needed is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself
+    (DCT-domain scaling: several times faster, and no full-size array is made): the largest such reduction ``r``
+    whose both sides stay >= ``min_side`` (PIL's ``draft``). Returns ``(image, r, (H, W))`` with ``(H, W)`` the
+    full size (EXIF rotation applied); ``r == 1`` for other formats, for ``min_side=None`` and for images that are
+    not large enough. The decoded size is ``ceil(H / r), ceil(W / r)``; full-size coordinates map to it by ``/ r``."""
+    with _pil_errors(what), Image.open(src) as im:
+        r = 1
+        ow, oh = im.size
+        if min_side and im.format == "JPEG":
+            m = max(1, int(min_side))
+            im.draft(None, (m, m))
+            r = max(1, round(ow / im.size[0]))
+        im.load()
+        full = (ow, oh) if _turned(im) else (oh, ow)  # orientations 5-8 swap the axes
+        return _rgb8(_exif_upright(im)), r, full
+
+
+def _turned(im: Image.Image) -> bool:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1)) in (5, 6, 7, 8)
+    except Exception:
+        return False
+
+
+def reduced_size(size: Sequence[int], r: int) -> tuple[int, int]:
+    """``(h, w)`` of an image of ``size`` decoded at ``1/r`` (see :func:`decode_rgb_reduced`)."""
+    return -(-int(size[0]) // r), -(-int(size[1]) // r)
+
+
+def subsample_to(a: np.ndarray, r: int, out_hw: Sequence[int]) -> np.ndarray:
+    """A label map (masks, class-index maps) of an original-size image brought to the image's ``1/r`` decoded size
+    ``out_hw`` by nearest sampling at the centre of every ``r x r`` block (what DCT scaling averages)."""
+    if r == 1:
+        return a
+    ys = np.minimum(np.arange(int(out_hw[0])) * r + r // 2, a.shape[0] - 1)
+    xs = np.minimum(np.arange(int(out_hw[1])) * r + r // 2, a.shape[1] - 1)
+    return np.ascontiguousarray(a[ys][:, xs])
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:
@@ -140,7 +180,8 @@ def resize_image(image: np.ndarray | torch.Tensor, info: ResizeInfo) -> torch.Te
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        ok = image.flags.writeable and image.flags.c_contiguous  # torch warns on read-only arrays (np.asarray(PIL))
+        t = torch.from_numpy(image if ok else np.array(image)).permute(2, 0, 1)
     else:
         t = image
     t = t.float().div_(255.0) if t.dtype == torch.uint8 else t.float() / 255.0

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from zoo.metrics.retrieval import knn
 
-__all__ = ["EmbeddingIndex", "weights_digest"]
+__all__ = ["EmbeddingIndex", "weights_digest", "check_index_model"]
 
 FORMAT = "zoo.embedding_index/1"
 
@@ -38,6 +38,18 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def check_index_model(meta: dict[str, Any], name: str, digest: str | None) -> None:
+    """Refuse a query model other than the one that built an index (``meta["model"]``, ``meta["weights_sha256"]``):
+    a :class:`ValueError` naming both. An index without a recorded digest, or a query without one, is not checked."""
+    built = meta.get("weights_sha256")
+    if built and digest and built != digest:
+        built_name = meta.get("model") or "another model"
+        raise ValueError(f"this index was built with {built_name!r} (weights sha256 {built[:12]}...) but the query "
+                         f"model {name!r} has other weights ({digest[:12]}...): their embeddings are not "
+                         f"comparable. Search with --model {built_name}, or rebuild the index with "
+                         f"zoo-embed --model {name}")
 
 
 class EmbeddingIndex:
@@ -101,13 +113,15 @@ class EmbeddingIndex:
         """Refuse to search with a model other than the one that built the index (``meta["model"]`` and
         ``meta["weights_sha256"]``, written by ``zoo-embed``): another model's embeddings live in another space,
         and the nearest neighbours would be meaningless. An index without a recorded digest is not checked."""
-        built = self.meta.get("weights_sha256")
-        if built and digest and built != digest:
-            built_name = self.meta.get("model") or "another model"
-            raise ValueError(f"this index was built with {built_name!r} (weights sha256 {built[:12]}...) but the query "
-                             f"model {name!r} has other weights ({digest[:12]}...): their embeddings are not "
-                             f"comparable. Search with --model {built_name}, or rebuild the index with "
-                             f"zoo-embed --model {name}")
+        check_index_model(self.meta, name, digest)
+
+    def to_faiss(self, kind: str = "ivf", **options: Any):
+        """An approximate FAISS index over these embeddings (:class:`zoo.faiss_index.FaissIndex`: ``flat``, ``ivf``,
+        ``ivfpq``, ``hnsw``; options ``nlist``, ``m``, ``nbits``, ``nprobe``, ``hnsw_m``, ``ef_construction``,
+        ``ef_search``, ``train_size``, ``seed``, ``threads``). Needs the faiss package."""
+        from zoo.faiss_index import FaissIndex
+
+        return FaissIndex.build(self, kind, **options)
 
     def search(self, query: torch.Tensor, k: int = 10, *, batch_size: int = 1024,
                backend: str = "torch") -> list[list[tuple[str, float]]]:

@@ -17,7 +17,8 @@ from zoo.config import TrainConfig, to_container, validate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "build_trainer", "format_metrics", "check_accelerator"]
+__all__ = ["train", "build_trainer", "build_strategy", "cluster_plugins", "fsdp_wrap_classes", "launched_externally",
+           "format_metrics", "check_accelerator"]
 
 
 def format_metrics(metrics: dict[str, float], title: str = "metrics") -> str:
@@ -56,6 +57,86 @@ def _set_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.trainer.threads))
 
 
+def launched_externally() -> bool:
+    """This process is one of several started by a launcher (torchrun, srun, or anything setting ``LOCAL_RANK``),
+    not by Lightning itself."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return "LOCAL_RANK" in os.environ or TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
+
+
+def fsdp_wrap_classes(cfg: DictConfig) -> set[type]:
+    """The module classes that become FSDP units: ``trainer.fsdp.wrap`` (import paths), or the block classes of the
+    backbone's timm architecture (classes named ``*Block`` among its modules, found on the meta device)."""
+    import importlib
+
+    from zoo.config import ConfigError
+
+    names = list(OmegaConf.select(cfg, "trainer.fsdp.wrap", default=None) or [])
+    if names:
+        out = set()
+        for path in names:
+            mod, _, attr = str(path).rpartition(".")
+            try:
+                out.add(getattr(importlib.import_module(mod), attr))
+            except (ImportError, AttributeError, ValueError) as err:
+                raise ConfigError(f"trainer.fsdp.wrap: cannot import {path!r} ({err}); give classes as import paths, "
+                                  "e.g. timm.models.vision_transformer.Block") from None
+        return out
+    import timm
+
+    name = str(cfg.backbone.name)
+    try:
+        with torch.device("meta"):
+            arch = timm.create_model(name, pretrained=False)
+    except Exception as err:  # noqa: BLE001 - any architecture timm cannot build on the meta device
+        raise ConfigError(f"trainer.fsdp.wrap=null: could not inspect backbone {name!r} for its block class ({err}); "
+                          "give trainer.fsdp.wrap=[<module.path.BlockClass>]") from None
+    found = {type(m) for m in arch.modules() if type(m).__name__.endswith("Block")}
+    if not found:
+        raise ConfigError(f"trainer.fsdp.wrap=null: backbone {name!r} has no module class named *Block to shard by; "
+                          "give trainer.fsdp.wrap=[<module.path.Class>] (its repeated layer)")
+    return found
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    """``trainer.strategy`` as Lightning takes it: ``fsdp`` becomes an ``FSDPStrategy`` (units = the backbone's
+    blocks, optional activation checkpointing of the same blocks, full-state checkpoints); ``ddp_spawn`` under an
+    external launcher (torchrun, srun), which already started one process per device, becomes ``ddp``."""
+    t = cfg.trainer
+    strategy = t.strategy
+    if strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from zoo.config import ConfigError
+
+        if OmegaConf.select(cfg, "model.ema.enabled", default=False):
+            raise ConfigError("trainer.strategy=fsdp with model.ema.enabled=true: the EMA copy would be sharded with "
+                              "the model and updated from shards; turn EMA off under FSDP")
+        f = t.fsdp
+        blocks = fsdp_wrap_classes(cfg)
+        return FSDPStrategy(auto_wrap_policy=blocks,
+                            activation_checkpointing_policy=set(blocks) if f.activation_checkpointing else None,
+                            sharding_strategy=str(f.sharding_strategy), cpu_offload=bool(f.cpu_offload),
+                            state_dict_type="full")
+    if isinstance(strategy, str) and strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook") and launched_externally():
+        log.info("trainer.strategy=%s under an external launcher (torchrun / srun started the processes): using ddp",
+                 strategy)
+        return "ddp"
+    return strategy
+
+
+def cluster_plugins() -> list:
+    """Under SLURM: Lightning's SLURM environment without its own auto-requeue (its SIGUSR1 handler writes an
+    hpc_ckpt_*.ckpt beside zoo's checkpoints). Pre-emption and the time limit go through zoo's SIGTERM handling
+    (finish the step, write last.ckpt, exit 143) and the requeue is the job script's (scripts/slurm/train.sbatch)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return []
+    return [SLURMEnvironment(auto_requeue=False)]
+
+
 def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, callbacks_extra: list | None = None):
     """A Lightning Trainer from the ``trainer``, ``callbacks`` and ``logger`` config groups."""
     import lightning.pytorch as pl
@@ -90,7 +171,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
         callbacks.append(ZooModelSummary(max_depth=depth))
     callbacks += callbacks_extra or []
     kwargs: dict[str, Any] = dict(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), num_nodes=t.num_nodes,
+        plugins=cluster_plugins() or None,
         precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps, min_epochs=t.min_epochs,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         # pcgrad steps by hand (manual optimisation) and clips there itself
@@ -233,8 +315,10 @@ def _plots_of(report: Any) -> list[str]:
     return out
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, *, callbacks: list | None = None) -> dict[str, Any]:
     """Train the configured task; returns ``{"metrics", "best_ckpt", "last_ckpt", "output_dir", "bundle"}``.
+
+    ``callbacks``: extra Lightning callbacks for this run (timing, custom logging), added after the zoo's own.
 
     The run folder (``paths.output_dir``) receives ``config.yaml`` (the resolved config), ``checkpoints/best.ckpt`` and
     ``last.ckpt``, logs, ``metrics.json`` (validation metrics of the best checkpoint) and, when ``export_bundle``, a
@@ -259,7 +343,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prepare_run_folder(cfg, out_dir)
     if cfg.paths.cache_dir:
         os.environ["ZOO_CACHE"] = str(Path(cfg.paths.cache_dir).expanduser())
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    from zoo.checkpointing import _is_rank_zero_process
+
+    if _is_rank_zero_process():  # the other processes of a torchrun / srun launch share this folder
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     _set_threads(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     t0 = time.perf_counter()
@@ -281,7 +368,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer, ckpt_cb = build_trainer(cfg, out_dir, monitor=module.main_metric, mode=module.main_mode,
                                      callbacks_extra=[Visualize(int(cfg.callbacks.visualize),
-                                                                score_thresh=float(cfg.callbacks.visualize_score_thresh))])
+                                                                score_thresh=float(cfg.callbacks.visualize_score_thresh)),
+                                                      *(callbacks or [])])
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path,
                     weights_only=True if cfg.ckpt_path else None)

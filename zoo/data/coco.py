@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from zoo.preprocess import (IGNORE_INDEX, ResizeInfo, check_decodable, compute_resize, decode_rgb, normalize, resize_boxes,
-                            resize_image, resize_mask)
+from zoo.preprocess import (IGNORE_INDEX, ResizeInfo, check_decodable, compute_resize, decode_rgb_reduced, normalize,
+                            reduced_size, resize_boxes, resize_image, resize_mask, subsample_to)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CocoIndex", "CocoDataset", "ImageRecord", "BadAnnotationError", "TARGET_FORMATS", "load_rgb"]
+__all__ = ["CocoIndex", "CocoDataset", "ImageRecord", "BadAnnotationError", "TARGET_FORMATS", "load_rgb", "load_rgb_reduced"]
 
 TARGET_FORMATS = ("classification", "multilabel", "detection", "semantic", "instance", "captions")
 
@@ -47,9 +47,15 @@ class BadAnnotationError(ValueError):
 
 def load_rgb(path: str | Path) -> np.ndarray:
     """Read an image file as an ``(H, W, 3)`` uint8 RGB array; a clear error for missing or corrupt files."""
+    return load_rgb_reduced(path, None)[0]
+
+
+def load_rgb_reduced(path: str | Path, min_side: int | None) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """:func:`load_rgb` with libjpeg's 1/2, 1/4, 1/8 reduction when both sides stay >= ``min_side``
+    (:func:`zoo.preprocess.decode_rgb_reduced`); returns ``(image, r, full (H, W))``."""
     path = Path(path)
     try:
-        return decode_rgb(path, str(path))
+        return decode_rgb_reduced(path, str(path), min_side)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist (check data.root and the split names)") from None
     except ValueError as err:
@@ -377,11 +383,24 @@ class CocoDataset(Dataset):
         """Single-label targets of every sample (for samplers), classification format only."""
         return [int(self.index.primary_label(r)) for r in self.records]
 
+    #: decode JPEGs at 1/2, 1/4 or 1/8 scale when both sides stay >= this many pixels (None: full size); set by the
+    #: data module from the model's input size and the augmentation (``data.fast_decode``)
+    decode_min_side: int | None = None
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
-        img = load_rgb(rec.file)
-        if img.shape[:2] != (rec.height, rec.width):
-            raise BadAnnotationError(f"{rec.file} is {img.shape[1]}x{img.shape[0]} but the json says "
+        img, r, _ = load_rgb_reduced(rec.file, self.decode_min_side)
+        return self.make_sample(rec, img, reduction=r)
+
+    def make_sample(self, rec: ImageRecord, img: np.ndarray, *, reduction: int = 1) -> dict[str, Any]:
+        """The sample of record ``rec`` from its decoded ``(H, W, 3)`` uint8 image (augmented when this dataset
+        augments): what :meth:`__getitem__` returns, also used by readers that get the image elsewhere (shards,
+        :mod:`zoo.data.shards`). ``reduction``: the image was decoded at ``1/reduction`` of the record's size.
+        Without augmentation only the pixels' source changes (sizes, scales, boxes and masks are the full-size
+        image's); augmentation runs on the reduced image, with boxes and masks brought to it."""
+        r = int(reduction)
+        if img.shape[:2] != reduced_size((rec.height, rec.width), r):
+            raise BadAnnotationError(f"{rec.file} is {img.shape[1] * r}x{img.shape[0] * r} but the json says "
                                      f"{rec.width}x{rec.height}: fix images[].width/height for image id {rec.image_id} "
                                      "(if the file carries an EXIF Orientation tag, its width/height are those of "
                                      "the rotated image, as photo viewers show it)")
@@ -392,15 +411,23 @@ class CocoDataset(Dataset):
             sem = self.index.semantic_mask(rec)
         if "instance" in self.formats:
             masks = [self.index.ann_mask(a) for a in rec.ann_ids]
+        geometry = (rec.height, rec.width)  # the size boxes, masks and the resize refer to
         if self.augment is not None:
+            if r > 1:
+                boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / r
+                sem = subsample_to(sem, r, img.shape[:2]) if sem is not None else None
+                masks = [subsample_to(m, r, img.shape[:2]) for m in masks] if masks is not None else None
             img, boxes, labels, crowd, masks, sem = self._augment(img, boxes, labels, crowd, masks, sem)
+            geometry = img.shape[:2]
+        else:
+            r = 1  # the reduced image is resized straight to the full-size geometry's input size
         size = self.input_size
         if self.train_sizes:
             size = self.train_sizes[int(np.random.randint(len(self.train_sizes)))]
-        info = compute_resize(img.shape[:2], size, self.resize)
+        info = compute_resize(geometry, size, self.resize)
         image = normalize(resize_image(img, info), self.mean, self.std)
         sample: dict[str, Any] = {"image": image, "image_id": rec.image_id, "orig_size": (rec.height, rec.width),
-                                  "size": info.size, "scale": (info.scale_y, info.scale_x)}
+                                  "size": info.size, "scale": (info.scale_y / r, info.scale_x / r)}
         targets = {f: self._target(f, rec, boxes, labels, crowd, masks, sem, info) for f in self.formats}
         if self.multi:
             sample["targets"] = targets

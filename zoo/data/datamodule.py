@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -79,6 +80,13 @@ class _Collate:
         return collate(samples, size_divisor=self.size_divisor, target_format=self.target_format)
 
 
+def _base(ds: Any) -> Any:
+    """The dataset under ``Subset`` wrappers (``data.limit_*_images``)."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
+
+
 def _padded_sizes(ds: Dataset, size_divisor: int) -> list[tuple[int, int]] | None:
     """Evaluation input sizes of a dataset's items when it can tell them without decoding (COCO-style data)."""
     base = ds.dataset if isinstance(ds, Subset) else ds
@@ -88,8 +96,72 @@ def _padded_sizes(ds: Dataset, size_divisor: int) -> list[tuple[int, int]] | Non
     return [sizes[i] for i in ds.indices] if isinstance(ds, Subset) else sizes
 
 
+class SampleCache(Dataset):
+    """A deterministic dataset (no augmentation: validation) whose samples are kept after their first load, up to
+    ``budget_mb`` MiB per process (each loader worker keeps the items it loaded; with persistent workers and the
+    fixed validation order every worker gets the same items each epoch). Cached samples are returned as copies, so
+    a consumer changing a tensor in place cannot change the cache."""
+
+    def __init__(self, dataset: Dataset, budget_mb: int) -> None:
+        self.dataset = dataset
+        self.budget = int(budget_mb) * 2 ** 20
+        self.used = 0
+        self.cache: dict[int, Any] = {}
+        self.full = False
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # records, class_names, ... of the wrapped dataset
+        if name in ("dataset", "cache", "budget", "used", "full"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, i: int) -> Any:
+        hit = self.cache.get(int(i))
+        if hit is not None:
+            return _copy_tensors(hit)
+        sample = self.dataset[i]
+        if not self.full:
+            n = _nbytes(sample)
+            if self.used + n <= self.budget:
+                self.cache[int(i)] = sample
+                self.used += n
+                sample = _copy_tensors(sample)
+            else:
+                self.full = True
+        return sample
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, Mapping):
+        return sum(_nbytes(v) for v in x.values()) + 64
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x) + 16
+    return 16
+
+
+def _copy_tensors(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: _copy_tensors(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_copy_tensors(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_copy_tensors(v) for v in x)
+    return x
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _is_stream(ds: Any) -> bool:
+    """A streaming dataset that batches and shards itself (:class:`zoo.data.shards.ShardStream`)."""
+    return callable(getattr(ds, "plan", None)) and callable(getattr(ds, "set_distributed", None))
 
 
 def _lightning_base():
@@ -117,8 +189,10 @@ class ZooDataModule(_lightning_base()):
                  eval_batch_size: int | None = None, num_workers: int = 2, pin_memory: bool = True,
                  persistent_workers: bool = True, size_divisor: int = 32,
                  train_batch_sampler: Callable | None = None, drop_last: bool = True,
-                 info: Mapping[str, Any] | None = None, target_format: str | Sequence[str] | None = None) -> None:
+                 info: Mapping[str, Any] | None = None, target_format: str | Sequence[str] | None = None,
+                 val_cache_mb: int = 0) -> None:
         super().__init__()
+        self.val_cache_mb = int(val_cache_mb)
         self.train_set, self.val_set = train_set, val_set
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -132,18 +206,44 @@ class ZooDataModule(_lightning_base()):
         self.info = dict(info or {})
 
     def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:
+        if _is_stream(ds):
+            return self._stream_loader(ds, train=train)
         common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.collate,
                       persistent_workers=self.persistent_workers)
         if train and self.train_batch_sampler is not None:
             return DataLoader(ds, batch_sampler=self.train_batch_sampler(ds, self.batch_size), **common)
         bs = self.batch_size if train else self.eval_batch_size
         sizes = _padded_sizes(ds, self.collate.size_divisor) if not train else None
+        if not train and self.val_cache_mb > 0 and getattr(_base(ds), "augment", None) is None:
+            ds = SampleCache(ds, self.val_cache_mb)
         if sizes is not None and len(set(sizes)) > 1 and not _distributed():
             from zoo.data.samplers import SizeGroupedBatchSampler
 
             return DataLoader(ds, batch_sampler=SizeGroupedBatchSampler(sizes, bs), **common)
         drop = train and self.drop_last and len(ds) > bs
         return DataLoader(ds, batch_size=bs, shuffle=train, drop_last=drop, **common)
+
+    def _stream_loader(self, ds: Any, *, train: bool) -> DataLoader:
+        """A loader over a :class:`zoo.data.shards.ShardStream`: the stream batches (the same number of batches on
+        every rank, nothing dropped or repeated) and splits itself over ranks and workers. Workers are not kept
+        between epochs: each epoch's workers start from the stream's current epoch (and resume position)."""
+        from zoo.data.shards import _identity
+
+        if train and self.train_batch_sampler is not None:
+            log.warning("data=shards: the heads' class-balanced batches (e.g. m_per_class for metric losses) cannot "
+                        "be drawn from a stream; batches are the shuffled stream's")
+        if _distributed():
+            ds.set_distributed(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        else:  # Lightning initialises torch.distributed whenever it runs several processes
+            ds.set_distributed(0, 1)
+        ds.batch_size = self.batch_size if train else self.eval_batch_size
+        ds.collate_fn = self.collate
+        ds.num_workers = self.num_workers
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
+        return DataLoader(ds, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -270,6 +370,10 @@ def holdout_split(n: int, fraction: float, seed: int = 0, labels: Sequence[int] 
     return [i for i in range(n) if i not in held], val
 
 
+#: the share of training images held out for validation when a folder dataset has no validation folder
+AUTO_VAL_FRACTION = 0.2
+
+
 def _holdout_source(cfg: Mapping[str, Any], root: Path, kind: str, layout: str, stages: Sequence[str]) -> Path | None:
     """The folder ``data.val_fraction`` splits (``<root>/<train_split>``, or ``root`` itself when that does not
     exist), or ``None`` without ``val_fraction``; errors name what to change."""
@@ -277,6 +381,14 @@ def _holdout_source(cfg: Mapping[str, Any], root: Path, kind: str, layout: str, 
 
     frac = cfg.get("val_fraction")
     train_dir, val_dir = root / cfg["train_split"], root / cfg["val_split"]
+    if frac is None and root.is_dir() and not val_dir.is_dir():
+        # no validation folder: hold out 20 % of the training images (stratified, seeded by data.val_seed), as
+        # data.val_fraction=0.2 would; evaluate.py on this run's checkpoint draws the same split
+        frac = cfg["val_fraction"] = AUTO_VAL_FRACTION
+        log.warning("data=%s: no validation folder %s: holding out %d%% of %s for validation (data.val_fraction=%s, "
+                    "seed data.val_seed=%s); give a %s folder or data.val_fraction to choose", kind, val_dir,
+                    round(100 * frac), train_dir if train_dir.is_dir() else root, frac, cfg.get("val_seed", 0),
+                    val_dir.name)
     if frac is None:
         need = [(s, root / cfg[f"{s}_split"]) for s in stages]
         for stage, d in need:
@@ -444,6 +556,13 @@ def _identity_folder_sets(cfg, fmt, pre, augment, stages):
     return out
 
 
+def _shard_sets(cfg, fmt, pre, augment, stages):
+    """WebDataset shards written by ``python -m zoo.data.shards write`` (:func:`zoo.data.shards.shard_sets`)."""
+    from zoo.data.shards import shard_sets
+
+    return shard_sets(cfg, fmt, pre, augment, stages)
+
+
 #: data.kind -> builder(cfg, target_format, preprocessing kwargs, augment, stages) -> {"train", "val", "class_names", ...}
 DATASET_KINDS: dict[str, Callable] = {
     "coco": _coco_sets,
@@ -452,13 +571,14 @@ DATASET_KINDS: dict[str, Callable] = {
     "mask_folder": _mask_folder_sets,
     "coco_crops": _crops_sets,
     "identity_folder": _identity_folder_sets,
+    "shards": _shard_sets,
 }
 
 
 #: Keys ``data.extra`` may hold, and what reads them (a key outside this list is a typo and stops the run).
 DATA_EXTRA_KEYS = {
     "multiscale": "coco/shapes: training sizes drawn per image",
-    "class_names": "mask_folder: the class of each mask index",
+    "class_names": "mask_folder (and mask_folder shards): the class of each mask index",
     "identity": "crops: 'category' or the annotation field holding the identity",
     "context": "crops: box grown by this fraction on each side",
     "min_size": "crops: smallest object side kept (px)",
@@ -483,7 +603,7 @@ def build_datasets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], *, 
     (``input_size``, ``resize``, ``mean``, ``std``)."""
     check_data_extra(cfg)
     kind = cfg["kind"]
-    if not isinstance(fmt, str) and kind not in ("shapes", "coco"):
+    if not isinstance(fmt, str) and kind not in ("shapes", "coco", "shards"):
         if len(fmt) != 1:
             raise ValueError(f"data.kind={kind!r} serves one kind of target, but the heads it feeds need {list(fmt)}: "
                              "use a COCO-style dataset (data=coco or shapes), or give some heads their own data "
@@ -514,17 +634,57 @@ def datamodule_from_config(data_cfg: Any, fmt: str, pre: Mapping[str, Any], *, s
     cfg = to_container(data_cfg)
     if not isinstance(fmt, str):
         fmt = tuple(dict.fromkeys(fmt))
-        if len(fmt) == 1 or cfg["kind"] not in ("shapes", "coco"):
+        if len(fmt) == 1 or cfg["kind"] not in ("shapes", "coco", "shards"):
             fmt = fmt[0] if len(fmt) == 1 else fmt
     augment = None
     if "train" in stages:
         augment = build_augment(cfg.get("augment"), boxes=boxes, min_visibility=float(cfg.get("min_visibility", 0.3)),
                                 seed=seed, input_size=pre.get("input_size"))
     sets = build_datasets(cfg, fmt, pre, augment=augment, stages=stages)
+    if seed is not None and _is_stream(sets.get("train")):
+        sets["train"].seed = int(seed)  # the run's seed draws the shard order and the shuffle of every epoch
+    if cfg.get("fast_decode", True):
+        for stage, ds in sets.items():
+            # map-style readers, or the dataset a shard stream's decoder fills its samples with
+            target = getattr(getattr(ds, "decoder", None), "dataset", None) if _is_stream(ds) else _base(ds)
+            if stage in ("train", "val") and hasattr(target, "decode_min_side"):
+                target.decode_min_side = decode_min_side(pre, cfg, train=stage == "train")
     info = {k: v for k, v in sets.items() if k not in ("train", "val")}
     info["kind"] = cfg["kind"]
     return ZooDataModule(sets.get("train"), sets.get("val"), batch_size=cfg["batch_size"],
                          eval_batch_size=cfg.get("eval_batch_size"), num_workers=cfg["num_workers"],
                          pin_memory=cfg["pin_memory"], persistent_workers=cfg["persistent_workers"],
                          size_divisor=size_divisor, train_batch_sampler=train_batch_sampler, info=info,
-                         target_format=fmt)
+                         target_format=fmt, val_cache_mb=int(cfg.get("val_cache_mb", 0) or 0))
+
+
+def decode_min_side(pre: Mapping[str, Any], cfg: Mapping[str, Any], *, train: bool) -> int | None:
+    """The smallest side a decoded image may have (``data.fast_decode``): the network input's largest side (the
+    largest multi-scale size in training), times a margin in training for augmentations that enlarge part of the
+    image: ``1 / sqrt(0.75 * min_scale)`` for ``RandomResizedCrop`` (its narrowest crop at the default aspect
+    range), 2 for other geometric transforms, 1 for pixel-only ones (colour, blur, noise), flips and torchvision's
+    policies (their shears and shifts do not zoom)."""
+    size = pre.get("input_size")
+    if not size:
+        return None
+    side = max(int(v) for v in size)
+    if not train:
+        return side
+    for t in (cfg.get("extra") or {}).get("multiscale") or []:
+        side = max(side, *(int(v) for v in (t if isinstance(t, (list, tuple)) else [t])))
+    margin = 1.0
+    import albumentations as A
+
+    for op in cfg.get("augment") or []:
+        name = str(op.get("type", ""))
+        cls = getattr(A, name, None)
+        if name in ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Transpose", "D4",
+                    "TrivialAugmentWide", "RandAugment", "AutoAugment", "AugMix") or (
+                isinstance(cls, type) and issubclass(cls, A.ImageOnlyTransform)):
+            continue
+        if name == "RandomResizedCrop":
+            lo = float((op.get("scale") or (0.08, 1.0))[0])
+            margin = max(margin, 1.0 / max(0.75 * lo, 1e-6) ** 0.5)
+        else:
+            margin = max(margin, 2.0)
+    return int(math.ceil(side * margin))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from zoo.data.coco import load_rgb
+from zoo.data.coco import load_rgb_reduced
 from zoo.preprocess import compute_resize, normalize, resize_image
 
 __all__ = ["ImageFolderDataset", "IMAGE_EXTENSIONS", "list_images"]
@@ -73,13 +73,27 @@ class ImageFolderDataset(Dataset):
         out.augment = augment
         return out
 
+    #: decode JPEGs at 1/2, 1/4 or 1/8 scale when both sides stay >= this many pixels (None: full size); set by the
+    #: data module (``data.fast_decode``)
+    decode_min_side: int | None = None
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         path, label = self.samples[i]
-        img = load_rgb(path)
-        H, W = img.shape[:2]
+        img, r, full = load_rgb_reduced(path, self.decode_min_side)
+        return self.make_sample(img, label, i, reduction=r, full_size=full)
+
+    def make_sample(self, img: np.ndarray, label: int, image_id: int, *, reduction: int = 1,
+                    full_size: Sequence[int] | None = None) -> dict[str, Any]:
+        """The sample of a decoded ``(H, W, 3)`` uint8 image with class index ``label`` (augmented when this dataset
+        augments): what :meth:`__getitem__` returns for item ``image_id``; also used by the shard reader.
+        ``reduction``: the image was decoded at ``1/reduction`` scale of the file's ``full_size`` ``(H, W)``."""
+        r = int(reduction)
+        H, W = (int(full_size[0]), int(full_size[1])) if full_size is not None else (img.shape[0] * r, img.shape[1] * r)
         if self.augment is not None:
             img = self.augment(image=img)["image"]
-        info = compute_resize(img.shape[:2], self.input_size, self.resize)
+            info = compute_resize(img.shape[:2], self.input_size, self.resize)
+        else:  # the reduced image resized straight to the full-size image's input size
+            info, r = compute_resize((H, W), self.input_size, self.resize), 1
         return {"image": normalize(resize_image(np.ascontiguousarray(img), info), self.mean, self.std),
-                "target": torch.tensor(label, dtype=torch.long), "image_id": i, "orig_size": (H, W),
-                "size": info.size, "scale": (info.scale_y, info.scale_x)}
+                "target": torch.tensor(label, dtype=torch.long), "image_id": image_id, "orig_size": (H, W),
+                "size": info.size, "scale": (info.scale_y / r, info.scale_x / r)}

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from zoo.data.coco import BadAnnotationError, load_rgb
+from zoo.data.coco import BadAnnotationError, load_rgb_reduced
 from zoo.data.folders import list_images
-from zoo.preprocess import IGNORE_INDEX, compute_resize, normalize, resize_image, resize_mask
+from zoo.preprocess import IGNORE_INDEX, compute_resize, normalize, reduced_size, resize_image, resize_mask, subsample_to
 
 __all__ = ["MaskFolderDataset", "read_index_mask"]
 
@@ -89,24 +89,40 @@ class MaskFolderDataset(Dataset):
         out.augment = augment
         return out
 
+    #: decode JPEGs at 1/2, 1/4 or 1/8 scale when both sides stay >= this many pixels (None: full size); set by the
+    #: data module (``data.fast_decode``)
+    decode_min_side: int | None = None
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         img_path, mask_path = self.pairs[i]
-        img = load_rgb(img_path)
-        mask = read_index_mask(mask_path)
-        if mask.shape != img.shape[:2]:
+        img, r, _ = load_rgb_reduced(img_path, self.decode_min_side)
+        return self.make_sample(img, read_index_mask(mask_path), i, img_path=img_path, mask_path=mask_path,
+                                reduction=r)
+
+    def make_sample(self, img: np.ndarray, mask: np.ndarray, image_id: int, *, img_path: Any = None,
+                    mask_path: Any = None, reduction: int = 1) -> dict[str, Any]:
+        """The sample of a decoded image and its class-index mask (augmented when this dataset augments): what
+        :meth:`__getitem__` returns for item ``image_id``; also used by the shard reader (``img_path`` /
+        ``mask_path`` name the data in error messages). ``reduction``: the image was decoded at ``1/reduction``
+        scale; without augmentation it is resized straight to the full-size image's input size, with augmentation
+        the mask is sampled down to it first."""
+        r = int(reduction)
+        if reduced_size(mask.shape, r) != img.shape[:2]:
             raise BadAnnotationError(f"mask {mask_path} is {mask.shape[::-1]} but image {img_path} is "
-                                     f"{img.shape[1::-1]}: they must have the same size")
+                                     f"{(img.shape[1] * r, img.shape[0] * r)}: they must have the same size")
         K = len(self.class_names)
         bad = (mask >= K) & (mask != IGNORE_INDEX)
         if bad.any():
             raise BadAnnotationError(f"mask {mask_path} holds class {int(mask[bad].max())} but only {K} classes are "
                                      "configured (data.extra.class_names); use 255 for pixels to ignore")
-        H, W = img.shape[:2]
+        H, W = mask.shape
         if self.augment is not None:
-            out = self.augment(image=img, mask=mask)
+            out = self.augment(image=img, mask=subsample_to(mask, r, img.shape[:2]))
             img, mask = out["image"], out["mask"]
-        info = compute_resize(img.shape[:2], self.input_size, self.resize)
+            info = compute_resize(img.shape[:2], self.input_size, self.resize)
+        else:
+            info, r = compute_resize((H, W), self.input_size, self.resize), 1
         target = resize_mask(torch.from_numpy(np.ascontiguousarray(mask)).long(), info.size)
         return {"image": normalize(resize_image(np.ascontiguousarray(img), info), self.mean, self.std),
-                "target": target, "image_id": i, "orig_size": (H, W), "size": info.size,
-                "scale": (info.scale_y, info.scale_x)}
+                "target": target, "image_id": image_id, "orig_size": (H, W), "size": info.size,
+                "scale": (info.scale_y / r, info.scale_x / r)}

@@ -106,7 +106,7 @@ class EmbeddingHead(Head):
     target_format = "similarity"
     default_name = "emb"
     feature_levels = "one level (feature_level, default the coarsest)"
-    training_keys = ("loss", "loss_kwargs", "m_per_class")
+    training_keys = ("loss", "loss_kwargs", "m_per_class", "gather_across_ranks")
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int] | None = None, *,
                  embedding_dim: int = 256, pooling: str = "gem", hidden_dim: int | None = None,
@@ -175,23 +175,26 @@ class EmbeddingHead(Head):
 
     @classmethod
     def from_model_config(cls, kwargs: dict[str, Any], model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> None:
-        """``model.embedding_dim``, ``model.loss`` and ``model.extra.m_per_class`` / ``loss_kwargs`` of the
-        similarity preset, where the head's config does not set them."""
+        """``model.embedding_dim``, ``model.loss`` and ``model.extra.m_per_class`` / ``loss_kwargs`` /
+        ``gather_across_ranks`` of the similarity preset, where the head's config does not set them."""
         kwargs.setdefault("embedding_dim", int(model_cfg.get("embedding_dim") or 256))
         extra = dict(model_cfg.get("extra") or {})
         if model_cfg.get("loss"):
             kwargs.setdefault("loss", model_cfg["loss"])
-        for key in ("m_per_class", "loss_kwargs"):
+        for key in ("m_per_class", "loss_kwargs", "gather_across_ranks"):
             if key in extra:
                 kwargs.setdefault(key, extra[key])
 
     def make_criterion(self, options: Mapping[str, Any]) -> nn.Module:
-        """The metric-learning loss (``options``: ``loss``, ``loss_kwargs``, ``num_train_identities``)."""
+        """The metric-learning loss (``options``: ``loss``, ``loss_kwargs``, ``num_train_identities``,
+        ``gather_across_ranks``: under DDP the loss over every rank's batch, default on)."""
         from zoo.losses import build_metric_loss
 
+        gather = options.get("gather_across_ranks")
         return build_metric_loss(options.get("loss") or "multi_similarity",
                                  num_classes=int(options.get("num_train_identities") or 1),
-                                 embedding_dim=self.embedding_dim, **dict(options.get("loss_kwargs") or {}))
+                                 embedding_dim=self.embedding_dim, gather_across_ranks=True if gather is None
+                                 else bool(gather), **dict(options.get("loss_kwargs") or {}))
 
     def batch_sampler(self, options: Mapping[str, Any], seed: int):
         """Class-balanced ``P x M`` batches (pair and proxy losses need several crops of each identity)."""

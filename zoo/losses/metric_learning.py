@@ -16,6 +16,13 @@ PML is imported only when a loss is built: this module is training-only, never o
 
 Keyword arguments are passed to the PML loss constructor unchanged (so ArcFace's ``margin`` is in *degrees*, PML's
 convention); ``miner_kwargs`` goes to the miner (``multi_similarity``: ``epsilon``).
+
+Under DDP (``gather_across_ranks``, on by default) the loss and its miner see the embeddings and labels of every
+rank (:func:`zoo.distributed.gather_for_loss`: cross-rank negatives, the same pairs mined on every rank), and the
+gradient the model receives after DDP's mean is that of the loss on the union of the ranks' batches. PML's
+``DistributedLossWrapper`` is not used: it puts the local rows first (a different order on each rank), wraps the
+miner separately, and multiplies the loss by the world size, which also multiplies the gradient of the loss's own
+parameters (ArcFace / CosFace weights, proxies) by it.
 """
 
 from __future__ import annotations
@@ -44,18 +51,22 @@ class MetricLoss(nn.Module):
         loss_fn: a ``pytorch_metric_learning.losses`` module.
         miner: an optional ``pytorch_metric_learning.miners`` module whose output is passed to ``loss_fn``.
         num_classes: number of classes (checked against the labels of parametric losses).
+        gather_across_ranks: in a DDP training step, mine and compute the loss over every rank's embeddings (only
+            this rank's rows carry gradient); nothing changes in one process or without gradients.
 
     Attributes:
         has_parameters: ``True`` when the loss owns trainable parameters (ArcFace/CosFace class weights,
             Proxy-Anchor proxies) that the optimizer must include (often with a larger learning rate).
     """
 
-    def __init__(self, name: str, loss_fn: nn.Module, miner: nn.Module | None = None, *, num_classes: int) -> None:
+    def __init__(self, name: str, loss_fn: nn.Module, miner: nn.Module | None = None, *, num_classes: int,
+                 gather_across_ranks: bool = True) -> None:
         super().__init__()
         self.name = name
         self.loss_fn = loss_fn
         self.miner = miner
         self.num_classes = int(num_classes)
+        self.gather_across_ranks = bool(gather_across_ranks)
 
     @property
     def has_parameters(self) -> bool:
@@ -83,11 +94,16 @@ class MetricLoss(nn.Module):
                              f"num_classes={self.num_classes}; labels must be 0..{self.num_classes - 1}")
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = embeddings.float()
+            if self.gather_across_ranks:
+                from zoo.distributed import gather_for_loss
+
+                emb, labels = gather_for_loss(emb, labels)
             indices = self.miner(emb, labels) if self.miner is not None else None
             return self.loss_fn(emb, labels, indices)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, num_classes={self.num_classes}, has_parameters={self.has_parameters}"
+        return (f"name={self.name!r}, num_classes={self.num_classes}, has_parameters={self.has_parameters}, "
+                f"gather_across_ranks={self.gather_across_ranks}")
 
 
 def _import_pml() -> tuple[Any, Any]:
@@ -100,7 +116,8 @@ def _import_pml() -> tuple[Any, Any]:
 
 
 def build_metric_loss(name: str, *, num_classes: int, embedding_dim: int,
-                      miner_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> MetricLoss:
+                      miner_kwargs: dict[str, Any] | None = None, gather_across_ranks: bool = True,
+                      **kwargs: Any) -> MetricLoss:
     """Build a metric-learning loss by name.
 
     Args:
@@ -108,6 +125,7 @@ def build_metric_loss(name: str, *, num_classes: int, embedding_dim: int,
         num_classes: number of training classes (size of the class weights / proxies).
         embedding_dim: embedding dimension ``D``.
         miner_kwargs: keyword arguments of the miner (``multi_similarity``, ``triplet``).
+        gather_across_ranks: under DDP, the loss over every rank's embeddings (see :class:`MetricLoss`).
         **kwargs: keyword arguments of the PML loss (``margin``, ``scale``, ``alpha``, ``temperature``, ...).
     Returns: a :class:`MetricLoss` called as ``loss(embeddings (B, D), labels (B,)) -> scalar``.
     """
@@ -138,4 +156,4 @@ def build_metric_loss(name: str, *, num_classes: int, embedding_dim: int,
         loss_fn, miner = builders[key]()
     except TypeError as err:
         raise TypeError(f"bad keyword arguments for metric loss {key!r} ({kwargs}, miner {mk}): {err}") from err
-    return MetricLoss(key, loss_fn, miner, num_classes=num_classes)
+    return MetricLoss(key, loss_fn, miner, num_classes=num_classes, gather_across_ranks=gather_across_ranks)

@@ -292,12 +292,18 @@ class CocoEvaluator(Evaluator):
         results, ids = self.results, self.image_ids
         trainer = module.trainer
         if trainer.world_size > 1:
-            import torch.distributed as dist
+            from zoo.distributed import gather_objects
 
-            buf: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(buf, (results, ids))
-            results = [r for part in buf for r in part[0]]
-            ids = sorted({i for part in buf for i in part[1]})
+            # every rank's images and their results; an image seen by two ranks (a sampler that pads the last
+            # round with repeats) counts once, with the results of the first rank that saw it
+            owner: dict[int, int] = {}
+            parts = gather_objects((results, ids))
+            for r, (_, part_ids) in enumerate(parts):
+                for i in part_ids:
+                    owner.setdefault(int(i), r)
+            results = [res for r, (part_res, _) in enumerate(parts) for res in part_res
+                       if owner.get(int(res["image_id"])) == r]
+            ids = sorted(owner)
         metrics: dict[str, float] = {}
         report: dict[str, Any] = {}
         if trainer.is_global_zero:
@@ -379,6 +385,7 @@ class RetrievalEvaluator(Evaluator):
         super().__init__(head, options)
         self.emb: list[torch.Tensor] = []
         self.lab: list[torch.Tensor] = []
+        self.dim = int(getattr(head, "embedding_dim", 0) or 0)
 
     def reset(self) -> None:
         self.emb, self.lab = [], []
@@ -393,12 +400,23 @@ class RetrievalEvaluator(Evaluator):
     def compute(self, module: Any) -> tuple[dict[str, float], dict[str, Any]]:
         from zoo.metrics.retrieval import retrieval_metrics
 
-        if not self.emb:
-            return {}, {}
-        emb, lab = torch.cat(self.emb), torch.cat(self.lab)
         if module.trainer.world_size > 1:
-            emb = module.all_gather(emb).flatten(0, 1)
-            lab = module.all_gather(lab).flatten(0, 1)
+            from zoo.distributed import gather_in_dataset_order
+
+            # every rank takes part (a rank without validation crops too); the rows go back into dataset order, so
+            # the metrics are those of one process on the same crops (validation loaders do not pad under DDP:
+            # zoo.distributed.use_unpadded_validation)
+            device = module.device
+            emb = torch.cat(self.emb) if self.emb else torch.zeros((0, self.dim), device=device)
+            lab = torch.cat(self.lab).long() if self.lab else torch.zeros((0,), dtype=torch.long, device=device)
+            emb = gather_in_dataset_order(emb.float())
+            lab = gather_in_dataset_order(lab.to(emb.device))
+        elif self.emb:
+            emb, lab = torch.cat(self.emb), torch.cat(self.lab)
+        else:
+            return {}, {}
+        if len(lab) == 0:
+            return {}, {}
         metrics = {k: float(v) for k, v in retrieval_metrics(emb, lab).items()}
         return metrics, {"num_queries": int(len(lab)), "num_identities": int(lab.unique().numel())}
 

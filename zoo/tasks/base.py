@@ -60,10 +60,14 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], extra_params: list
     param_groups = [{"params": ps, "lr": lr * m, "weight_decay": 0.0 if nd else wd}
                     for (m, nd), ps in groups.items() if ps]
     name = cfg["name"]
+    # one fused CUDA kernel per step instead of a loop over tensors, when every parameter is on the GPU
+    params = [p for g in param_groups for p in g["params"]]
+    fused = {"fused": True} if params and all(p.is_cuda and p.dtype.is_floating_point for p in params) else {}
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), weight_decay=wd)
+        return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), weight_decay=wd,
+                                 **fused)
     if name == "adam":
-        return torch.optim.Adam(param_groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        return torch.optim.Adam(param_groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), **fused)
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, momentum=float(cfg.get("momentum", 0.9)),
                                nesterov=bool(cfg.get("nesterov", False)), weight_decay=wd)
@@ -125,6 +129,9 @@ class ZooTask(pl.LightningModule):
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=float(ema.get("decay", 0.999)), use_warmup=bool(ema.get("warmup", True)))
+            # the EMA copy is updated by averaging, never by gradients; as trainable parameters DDP would wait for
+            # gradients the loss never gives them ("parameters that were not used in producing the loss")
+            self.ema.requires_grad_(False)
         self._compiled = None
 
     # ------------------------------------------------------------------ plumbing
@@ -218,7 +225,8 @@ class ZooTask(pl.LightningModule):
     def task_options(cfg: Any) -> dict:
         from zoo.config import to_container
 
-        return {"ema": to_container(cfg.model.ema), "channels_last": bool(cfg.trainer.channels_last),
+        return {"ema": to_container(cfg.model.ema), "mixup": to_container(cfg.model.get("mixup") or {}),
+                "channels_last": bool(cfg.trainer.channels_last),
                 "compile": bool(cfg.trainer.compile), "compile_mode": cfg.trainer.compile_mode,
                 "postprocess": to_container(cfg.model.postprocess), "visualize": int(cfg.callbacks.visualize),
                 **to_container(cfg.model.extra)}

@@ -152,6 +152,9 @@ class MultiTask(ZooTask):
                     "results_file": single_head_file if self.single else f"detections_{n}.json",
                     "plot_subdir": "" if self.single else n}
             self.evaluators[n] = evaluator_for(self.model.heads[n], opts)
+        import numpy as np
+
+        self._mix_rng = np.random.default_rng(torch.initial_seed() % 2 ** 32 + 7919)  # mixup's draws, from the run seed
         self.balance = str(self.options.get("balance") or "fixed")
         if self.balance not in BALANCE_METHODS:
             raise ValueError(f"model.balance={self.balance!r} unknown; use one of {BALANCE_METHODS}")
@@ -164,6 +167,7 @@ class MultiTask(ZooTask):
             self.main_metric = "val/score"
         self.main_mode = "max"
         self.last_eval_report: dict[str, Any] = {}
+        self._val_loss_sums: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ names
     def _key(self, head: str, metric: str, stage: str = "val") -> str:
@@ -215,13 +219,63 @@ class MultiTask(ZooTask):
         losses: dict[str, dict[str, torch.Tensor]] = {}
         n_images = 0
         for b, heads in self._source_batches(batch):
-            raw = model(self.prepare_images(b["images"]), heads=heads)
+            mixed = self._mix(b, heads) if self.training else None
+            images = mixed[0] if mixed is not None else b["images"]
+            raw = model(self.prepare_images(images), heads=heads)
             n_images += len(b["images"])
             for n in heads:
-                terms = self.model.heads[n].loss(raw[n], b, criterion=self._criterion(n))
+                head = self.model.heads[n]
+                terms = head.loss(raw[n], b, criterion=self._criterion(n))
+                if terms and mixed is not None:
+                    _, lam, b2 = mixed
+                    other = head.loss(raw[n], b2, criterion=self._criterion(n))
+                    terms = {k: lam * v + (1.0 - lam) * other[k] for k, v in terms.items()}
                 if terms:
                     losses[n] = terms
         return losses, n_images
+
+    def _mix(self, batch: Mapping[str, Any], heads: Sequence[str]) -> tuple[torch.Tensor, float, dict] | None:
+        """Mixup / CutMix (``model.mixup``) of a batch that feeds only single-label classification heads:
+        ``(mixed images, lam, the batch with its targets in the partner order)``, or None (not mixed)."""
+        cfg = self.options.get("mixup") or {}
+        a_mix, a_cut = float(cfg.get("mixup_alpha") or 0.0), float(cfg.get("cutmix_alpha") or 0.0)
+        if a_mix <= 0 and a_cut <= 0:
+            return None
+        if any(self.model.heads[n].target_format != "classification" or getattr(self.model.heads[n], "multilabel", False)
+               for n in heads):
+            return None
+        off = int(cfg.get("off_last_epochs") or 0)
+        max_epochs = getattr(self._trainer, "max_epochs", None) if self._trainer is not None else None
+        if off and max_epochs and max_epochs > 0 and self.current_epoch >= max_epochs - off:
+            return None
+        g = self._mix_rng
+        if g.random() >= float(cfg.get("prob", 1.0)):
+            return None
+        x = batch["images"]
+        perm = torch.arange(x.shape[0] - 1, -1, -1, device=x.device)  # partner: the batch reversed (timm's choice)
+        cut = a_cut > 0 and (a_mix <= 0 or g.random() < float(cfg.get("switch_prob", 0.5)))
+        lam = float(g.beta(a_cut, a_cut) if cut else g.beta(a_mix, a_mix))
+        if cut:
+            H, W = x.shape[-2:]
+            rh, rw = int(H * (1 - lam) ** 0.5), int(W * (1 - lam) ** 0.5)
+            cy, cx = int(g.integers(H)), int(g.integers(W))
+            y0, y1 = max(cy - rh // 2, 0), min(cy + rh // 2, H)
+            x0, x1 = max(cx - rw // 2, 0), min(cx + rw // 2, W)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / float(H * W)
+        else:
+            x = lam * x + (1.0 - lam) * x[perm]
+        b2 = dict(batch)
+        t = batch.get("targets")
+        if isinstance(t, Mapping):
+            b2["targets"] = {k: (v[perm] if isinstance(v, torch.Tensor) and k == "classification" else v)
+                             for k, v in t.items()}
+        elif isinstance(t, torch.Tensor):
+            b2["targets"] = t[perm]
+        else:
+            return None
+        return x, lam, b2
 
     def _combine(self, losses: dict[str, dict[str, torch.Tensor]], batch_size: int) -> torch.Tensor:
         total = None
@@ -332,6 +386,10 @@ class MultiTask(ZooTask):
     # ------------------------------------------------------------------ validation
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        from zoo.distributed import use_unpadded_validation
+
+        # several processes: validation loaders that repeat no sample, so the metrics are those of one process
+        use_unpadded_validation(dm)
         info = getattr(dm, "info", None) or {}
         files = dict(info.get("val_ann_files") or {})
         for n, ev in self.evaluators.items():
@@ -345,6 +403,8 @@ class MultiTask(ZooTask):
         for ev in self.evaluators.values():
             ev.reset()
             ev.options["output_dir"] = self.options.get("output_dir") or self.trainer.default_root_dir
+        # per head: sum of (batch loss x images) and images, in float64; reduced over the ranks at the epoch end
+        self._val_loss_sums: dict[str, torch.Tensor] = {}
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         heads = list(self.sources[dataloader_idx]["heads"]) if len(self.sources) > 1 else self.head_names
@@ -356,17 +416,36 @@ class MultiTask(ZooTask):
             if ev.wants_loss:
                 terms = model.heads[n].loss(raw[n], batch, criterion=self._criterion(n))
                 if terms:
-                    lh = sum(terms.values())
-                    self.log(self._key(n, "loss"), lh, on_epoch=True, sync_dist=True, batch_size=bs,
-                             add_dataloader_idx=False)
+                    lh = sum(terms.values()).detach().double()
+                    acc = self._val_loss_sums.setdefault(n, torch.zeros(2, dtype=torch.float64, device=lh.device))
+                    acc += torch.stack([lh * bs, lh.new_tensor(float(bs))])
             ev.update(model.heads[n], raw[n], batch)
         return {"raw": raw, "heads": heads}
+
+    def _log_val_losses(self) -> None:
+        """Each head's validation loss: the image-weighted mean of its batch losses over every rank's batches.
+        (Lightning's ``sync_dist`` mean divides the summed image counts by the world size in integers, which is off
+        when ranks hold different numbers of images, as they do with the unpadded validation loaders.)"""
+        from zoo.distributed import is_distributed
+
+        sums = getattr(self, "_val_loss_sums", None) or {}
+        names = [n for n in self.head_names if self.evaluators[n].wants_loss]
+        if not names:
+            return
+        acc = torch.stack([sums[n] if n in sums else torch.zeros(2, dtype=torch.float64, device=self.device)
+                           for n in names]).to(self.device)
+        if is_distributed():  # every rank, in the same head order
+            torch.distributed.all_reduce(acc)
+        for n, (total, count) in zip(names, acc.tolist()):
+            if count > 0:
+                self.log(self._key(n, "loss"), total / count, sync_dist=False, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             for ev in self.evaluators.values():
                 ev.reset()
             return
+        self._log_val_losses()
         report: dict[str, Any] = {}
         mains = []
         for n in self.head_names:

@@ -13,6 +13,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from zoo.heads.detection.common import (
     PaddedTargets, check_levels, conv_tower, flatten_levels, grid_points, pad_targets, prior_bias,
 )
+from zoo.distributed import positive_count
 from zoo.heads.base import register_head
 from zoo.heads.detection.postprocess import DetectionHead
 
@@ -165,7 +166,7 @@ class FCOSHead(DetectionHead):
         gt, matched, ignore, tgt_ltrb = self.assign(raw, targets)
         logits = raw["cls_logits"].float()
         pos = matched >= 0
-        num_pos = pos.sum().clamp(min=1).float()
+        num_pos = positive_count(pos)  # the mean over ranks in a DDP training step
         labels = torch.gather(gt.labels, 1, matched.clamp(min=0))
         onehot = F.one_hot(labels, self.num_classes).to(logits.dtype) * pos[..., None]
         cls = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")

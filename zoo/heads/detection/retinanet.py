@@ -14,6 +14,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from zoo.heads.detection.common import (
     IGNORE, cached_anchors, check_levels, conv_tower, flatten_levels, match_anchors, pad_targets, prior_bias,
 )
+from zoo.distributed import positive_count
 from zoo.heads.base import register_head
 from zoo.heads.detection.postprocess import DetectionHead
 
@@ -110,7 +111,7 @@ class RetinaNetHead(DetectionHead):
         matched = match_anchors(anchors, gt, fg_iou=self.fg_iou, bg_iou=self.bg_iou, low_quality=True,
                                 crowd_iof=self.crowd_iof)
         pos = matched >= 0
-        num_pos = pos.sum().clamp(min=1).float()
+        num_pos = positive_count(pos)  # the mean over ranks in a DDP training step
         idx = matched.clamp(min=0)
         labels = torch.gather(gt.labels, 1, idx)
         logits = raw["cls_logits"].float()

@@ -1,0 +1,88 @@
+"""Recipe parts: mixup / CutMix in the task, torchvision's augmentation policies as pipeline ops, and the recipe
+presets each task gets by default."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import compose
+
+
+def _task(mixup: dict, heads: dict | None = None):
+    from zoo.tasks.multitask import MultiTask
+
+    spec = {"backbone": {"name": "test_resnet"}, "input_size": [32, 32], "task": "classification",
+            "heads": heads or {"cls": {"type": "classification", "num_classes": 3}}}
+    if heads:
+        spec["necks"] = {"fpn": {"type": "fpn", "out_channels": 32}}
+    return MultiTask(spec=spec, options={"mixup": mixup}, optimizer={"name": "adamw", "lr": 1e-3},
+                     scheduler={"name": "constant"})
+
+
+def _batch(n: int = 4) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"images": torch.randn(n, 3, 32, 32, generator=g), "targets": torch.tensor([0, 1, 2, 1][:n]),
+            "target_format": "classification"}
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixup_loss_is_the_lam_weighted_loss_of_both_label_sets(kind: str) -> None:
+    task = _task({"mixup_alpha": 0.4 if kind == "mixup" else 0.0, "cutmix_alpha": 1.0 if kind == "cutmix" else 0.0})
+    task.train()
+    b = _batch()
+    state = task._mix_rng.bit_generator.state
+    x, lam, b2 = task._mix(b, ["cls"])
+    assert 0.0 <= lam <= 1.0 and torch.equal(b2["targets"], b["targets"].flip(0))
+    if kind == "mixup":
+        torch.testing.assert_close(x, lam * b["images"] + (1 - lam) * b["images"].flip(0))
+    else:  # a box of the partner image pasted, lam = the kept area
+        changed = (x != b["images"]).any(1)[0]
+        assert abs(1.0 - float(changed.float().mean()) - lam) < 0.05
+    task._mix_rng.bit_generator.state = state  # the same draw inside head_losses
+    losses, _ = task.head_losses(b)
+    head = task.model.heads["cls"]
+    raw = task.model(x, heads=["cls"])["cls"]
+    want = lam * head.compute_loss(raw, b["targets"])["loss_cls"] + (1 - lam) * head.compute_loss(
+        raw, b["targets"].flip(0))["loss_cls"]
+    torch.testing.assert_close(losses["cls"]["loss_cls"], want)
+
+
+def test_mixup_leaves_batches_for_other_heads_and_validation_alone() -> None:
+    task = _task({"mixup_alpha": 0.4}, heads={"det": {"type": "fcos", "input": "fpn", "num_classes": 3}})
+    task.train()
+    assert task._mix({"images": torch.zeros(2, 3, 32, 32), "targets": [{}, {}], "target_format": "detection"},
+                     ["det"]) is None
+    off = _task({"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
+    assert off._mix(_batch(), ["cls"]) is None
+
+
+@pytest.mark.parametrize("op", [{"type": "TrivialAugmentWide"}, {"type": "RandAugment", "num_ops": 2, "magnitude": 9},
+                                {"type": "AutoAugment", "policy": "imagenet"}, {"type": "AugMix", "severity": 2}])
+def test_torchvision_policies_are_pipeline_ops(op: dict) -> None:
+    from zoo.data.transforms import build_augment
+
+    aug = build_augment([op, {"type": "HorizontalFlip", "p": 0.5}])
+    img = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    outs = [aug(image=img)["image"] for _ in range(6)]
+    assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
+    assert any(not np.array_equal(o, img) for o in outs)
+    with pytest.raises(ValueError, match="RandAugment: bad arguments"):
+        build_augment([{"type": "RandAugment", "num_opz": 2}])
+
+
+def test_recipe_group_follows_the_model_group_and_recipe_none_turns_it_off() -> None:
+    """``conf/train.yaml`` applies ``conf/recipe/<model>.yaml`` when it exists; ``recipe=none`` composes everywhere."""
+    from pathlib import Path
+
+    from tests.conftest import CONF
+
+    cfg = compose("train", ["model=detection"])
+    assert cfg.model.task == "detection"
+    for model in ("classification", "detection", "semantic", "similarity"):
+        plain = compose("train", [f"model={model}", "recipe=none"])
+        default = compose("train", [f"model={model}"])
+        if not (Path(CONF) / "recipe" / f"{model}.yaml").is_file():
+            assert plain == default  # no measured recipe yet: the model group's own defaults
