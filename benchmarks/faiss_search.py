@@ -3,10 +3,13 @@ ivfpq, hnsw, default parameters), the build time, recall@10 against exact search
 1000 queries, and queries one at a time) and the index's size.
 
 The vectors are a Gaussian mixture: n / ``--points-per-cluster`` random centres (standard normal coordinates), each
-point a centre plus standard normal noise of the same scale (so clusters overlap, as real embeddings do), L2-normalised; the
-queries are drawn from the same mixture and are not in the collection. Ground truth is exact inner-product search
-(FAISS IndexFlatIP). Search goes through FaissIndex.search_arrays (query normalisation included), with the index's
-default nprobe / efSearch.
+point a centre plus standard normal noise of the same scale (so clusters overlap, as real embeddings do),
+L2-normalised; the queries are drawn from the same mixture and are not in the collection. Ground truth is exact
+inner-product search (FAISS IndexFlatIP). Search goes through FaissIndex.search_arrays (query normalisation included),
+with the index's default nprobe / efSearch, then narrower and wider.
+
+A 1M run of every type takes longer than 5 minutes on one core: split it with --kinds and --append, as the results
+file records.
 
     python benchmarks/faiss_search.py                                  # 100k and 1M vectors of 128-d, 1 thread
     python benchmarks/faiss_search.py --sizes 100000 --dims 128 256 --threads 1
@@ -142,7 +145,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default=None, help="a sentence about this run for the results file")
     ap.add_argument("--hnsw-m", type=int, default=None, help="hnsw: links a node instead of the default")
-    ap.add_argument("--ef-construction", type=int, default=None, help="hnsw: build candidate list instead of the default")
+    ap.add_argument("--ef-construction", type=int, default=None,
+                    help="hnsw: build candidate list instead of the default")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faiss"),
                     help="writes <out>.md and <out>.json")
     ap.add_argument("--append", action="store_true",

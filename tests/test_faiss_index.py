@@ -135,7 +135,7 @@ def test_built_from_part_files(data: dict, tmp_path: Path) -> None:
 def test_default_parameters_scale_with_the_collection() -> None:
     assert default_params("ivf", 100_000, 128) == {"nlist": 1024, "nprobe": 16}
     assert default_params("ivf", 1_000_000, 128)["nlist"] == 4096
-    assert default_params("ivf", 1_000_000_000, 128)["nlist"] == 131072
+    assert default_params("ivf", 1_000_000_000, 128) == {"nlist": 131072, "nprobe": 256}
     assert default_params("ivfpq", 1_000_000, 128) == {"nlist": 4096, "nprobe": 64, "m": 32, "nbits": 8}
     assert default_params("ivfpq", 2000, 96)["nbits"] == 5  # 51 training points a centroid: 32 centroids
     assert default_params("hnsw", 10, 4) == {"hnsw_m": 32, "ef_construction": 40, "ef_search": 64}

@@ -67,8 +67,8 @@ def default_params(kind: str, n: int, dim: int) -> dict[str, int]:
     """Parameters for ``n`` vectors of ``dim`` dimensions, scaled with ``n``:
 
     * ``ivf`` / ``ivfpq``: ``nlist`` the power of two nearest ``4 sqrt(n)`` (1,024 at 100k, 4,096 at 1M, 131,072 at
-      1B), at most ``n / 39`` (FAISS's k-means wants 39 training points a centroid); ``nprobe`` = ``nlist / 64``,
-      at least 8 (each query scans about 1.5% of the lists; raise it for recall, lower it for speed).
+      1B), at most ``n / 39`` (FAISS's k-means wants 39 training points a centroid); ``nprobe`` = ``nlist / 64``
+      between 8 and 256 (about 1.5% of the lists up to 16k lists; raise it for recall, lower it for speed).
     * ``ivfpq``: ``m = dim / 4`` sub-quantisers of ``nbits = 8`` (``m`` bytes a vector: 32 for 128-d), fewer bits
       when ``n`` is too small to train 256 centroids a sub-quantiser.
     * ``hnsw``: ``hnsw_m = 32`` links a node, ``ef_construction = 40``, ``ef_search = 64``.
@@ -79,7 +79,7 @@ def default_params(kind: str, n: int, dim: int) -> dict[str, int]:
     out: dict[str, int] = {}
     if kind in ("ivf", "ivfpq"):
         nlist = min(_pow2_near(4 * math.sqrt(n)), max(1, n // 39))
-        out.update(nlist=nlist, nprobe=min(nlist, max(8, nlist // 64)))
+        out.update(nlist=nlist, nprobe=min(nlist, max(8, min(256, nlist // 64))))
     if kind == "ivfpq":
         out.update(m=_pq_m(dim), nbits=int(max(1, min(8, math.floor(math.log2(max(2, n // 39)))))))
     if kind == "hnsw":

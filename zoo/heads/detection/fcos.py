@@ -161,7 +161,9 @@ class FCOSHead(DetectionHead):
         """Args:
             raw: :meth:`forward` output. targets: per image ``boxes`` ``(N, 4)``, ``labels`` ``(N,)``, optional
                 ``iscrowd`` ``(N,)``. image_sizes: valid ``(h, w)`` per image (unused: padding points are negatives).
-        Returns: ``loss_cls`` (focal, sum / positives), ``loss_box`` (GIoU), ``loss_centerness`` (BCE).
+        Returns: ``loss_cls`` (focal, sum / positives), ``loss_box`` (GIoU), ``loss_centerness`` (BCE). In a DDP
+        training step the positives are averaged over the ranks (:func:`zoo.distributed.positive_count`), so the
+        gradient DDP applies is that of one process on the union of the ranks' batches.
         """
         gt, matched, ignore, tgt_ltrb = self.assign(raw, targets)
         logits = raw["cls_logits"].float()

@@ -104,7 +104,8 @@ class RetinaNetHead(DetectionHead):
         """Args:
             raw: :meth:`forward` output. targets: per image ``boxes`` ``(N, 4)``, ``labels`` ``(N,)``, optional
                 ``iscrowd`` ``(N,)``. image_sizes: valid ``(h, w)`` per image (unused: padding anchors are negatives).
-        Returns: ``loss_cls`` (focal, sum / positives) and ``loss_box``.
+        Returns: ``loss_cls`` (focal, sum / positives) and ``loss_box``; in a DDP training step the positives are
+        averaged over the ranks (:func:`zoo.distributed.positive_count`).
         """
         anchors = raw["anchors"].float()
         gt = pad_targets(targets, self.num_classes, anchors.device, torch.float32)

@@ -1,0 +1,44 @@
+"""The README's benchmark commands run at a tiny size (so they cannot go stale); their figures are not checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SHARED_DATA
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.mark.slow
+def test_speed_benchmark_runs_the_zoo_path_and_the_plain_loop(tmp_path: Path) -> None:
+    res = _module("speed").main(["--task", "cls", "--epochs", "1", "--size", "32", "--batch", "16", "--repeats", "1",
+                                 "--sides", "zoo,plain", "--latency-repeats", "3", "--work", str(tmp_path / "w"),
+                                 "--out", str(tmp_path / "speed")])
+    cls = res["tasks"]["cls"]
+    zoo, plain = cls["zoo"][0], cls["plain"][0]
+    assert zoo["images"] == plain["images"] > 0  # the same training images on both sides
+    assert set(zoo["split"]) == {"setup", "steps", "data", "val", "epoch_end", "finish"}
+    assert abs(sum(zoo["split"].values()) - zoo["wall_s"]) < 0.05 * zoo["wall_s"] + 1.0
+    assert cls["serving"]["predictor_b1"]["p50_ms"] > 0 and "p99_ms" in cls["serving"]["onnx_b1"]
+    text = (tmp_path / "speed.md").read_text()
+    assert "| cls | zoo |" in text and json.loads((tmp_path / "speed.json").read_text())["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_recipes_benchmark_compares_against_the_plain_loop(tmp_path: Path) -> None:
+    if not (SHARED_DATA / "coco128" / "annotations").is_dir():
+        pytest.skip("../shared/data not present")
+    rows = _module("recipes").main(["--task", "cls", "--seeds", "0", "--epochs", "1", "--work", str(tmp_path / "w"),
+                                    "--out", str(tmp_path / "recipes"), "--variant", "none=recipe=none"])
+    assert set(rows) == {"plain", "zoo default", "none"}
+    assert all(0.0 <= r["metric"] <= 1.0 for rs in rows.values() for r in rs)
+    assert "| plain |" in (tmp_path / "recipes.md").read_text()
