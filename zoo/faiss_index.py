@@ -326,13 +326,9 @@ class FaissIndex:
                       ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, rows)``, both ``(Q, k)``: cosine similarities by decreasing score and row numbers (``-1``
         where fewer than ``k`` were found, as IVF can with a small ``nprobe``)."""
-        q = torch.as_tensor(query)
-        if q.dim() == 1:
-            q = q[None]
-        if q.dim() != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"query must be (Q, {self.dim}) or ({self.dim},) for this index, got {tuple(q.shape)}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        from zoo.similarity_index import query_matrix
+
+        q = query_matrix(query, self.dim, k)
         qn = np.ascontiguousarray(F.normalize(q.detach().float().cpu(), dim=1).numpy())
         k = min(int(k), len(self)) if len(self) else int(k)
         if len(self) == 0:

@@ -52,6 +52,18 @@ def check_index_model(meta: dict[str, Any], name: str, digest: str | None) -> No
                          f"zoo-embed --model {name}")
 
 
+def query_matrix(query: Any, dim: int, k: int) -> torch.Tensor:
+    """``(Q, dim)`` queries from ``(Q, dim)`` or ``(dim,)`` embeddings; a clear error for another shape or ``k < 1``."""
+    q = torch.as_tensor(query)
+    if q.dim() == 1:
+        q = q[None]
+    if q.dim() != 2 or q.shape[1] != dim:
+        raise ValueError(f"query must be (Q, {dim}) or ({dim},) for this index, got {tuple(q.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return q
+
+
 class EmbeddingIndex:
     """Embeddings with string ids and free-form metadata (model name, embedding dim, preprocessing, ...).
 
@@ -134,13 +146,7 @@ class EmbeddingIndex:
             backend: see :func:`zoo.metrics.retrieval.knn`.
         Returns: per query, ``k`` ``(id, cosine similarity)`` pairs by decreasing similarity.
         """
-        q = torch.as_tensor(query)
-        if q.dim() == 1:
-            q = q[None]
-        if q.dim() != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"query must be (Q, {self.dim}) or ({self.dim},) for this index, got {tuple(q.shape)}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        q = query_matrix(query, self.dim, k)
         if len(self) == 0:
             return [[] for _ in range(q.shape[0])]
         # the stored embeddings are unit vectors already: normalise the queries only (no gallery pass per search)

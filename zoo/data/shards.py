@@ -674,17 +674,26 @@ class CocoShardDecoder:
         return self.dataset.make_sample(rec, img, reduction=r)
 
 
+def _reader_without_files(cls: type, pre: Mapping[str, Any], augment: Any, **attrs: Any) -> Any:
+    """A folder reader (``ImageFolderDataset`` / ``MaskFolderDataset``) that lists no files, only there for its
+    ``make_sample`` (the preprocessing the folder readers apply), so shard samples equal theirs."""
+    ds = cls.__new__(cls)
+    ds.root, ds.augment = Path("."), augment
+    ds.input_size = tuple(int(v) for v in pre["input_size"])
+    ds.resize, ds.mean, ds.std = pre.get("resize", "stretch"), list(pre["mean"]), list(pre["std"])
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    return ds
+
+
 class FolderShardDecoder:
     """Raw image_folder / identity_folder samples -> the sample dicts of :class:`zoo.data.folders.ImageFolderDataset`."""
 
     def __init__(self, manifest: Mapping[str, Any], pre: Mapping[str, Any], *, augment=None) -> None:
         from zoo.data.folders import ImageFolderDataset
 
-        ds = ImageFolderDataset.__new__(ImageFolderDataset)
-        ds.root, ds.class_names, ds.samples = Path("."), list(manifest["class_names"]), []
-        ds.input_size = tuple(int(s) for s in pre["input_size"])
-        ds.resize, ds.mean, ds.std, ds.augment = pre.get("resize", "stretch"), list(pre["mean"]), list(pre["std"]), augment
-        self.dataset = ds
+        self.dataset = _reader_without_files(ImageFolderDataset, pre, augment, samples=[],
+                                             class_names=list(manifest["class_names"]))
 
     def __call__(self, raw: Mapping[str, Any], what: str) -> dict[str, Any]:
         meta = _meta_of(raw, what)
@@ -699,12 +708,8 @@ class MaskShardDecoder:
                  class_names: Sequence[str] | None = None) -> None:
         from zoo.data.mask_folder import MaskFolderDataset
 
-        ds = MaskFolderDataset.__new__(MaskFolderDataset)
-        ds.root, ds.pairs = Path("."), []
-        ds.class_names = list(class_names or manifest["class_names"])
-        ds.input_size = tuple(int(s) for s in pre["input_size"])
-        ds.resize, ds.mean, ds.std, ds.augment = pre.get("resize", "stretch"), list(pre["mean"]), list(pre["std"]), augment
-        self.dataset = ds
+        self.dataset = _reader_without_files(MaskFolderDataset, pre, augment, pairs=[],
+                                             class_names=list(class_names or manifest["class_names"]))
 
     def __call__(self, raw: Mapping[str, Any], what: str) -> dict[str, Any]:
         from zoo.data.mask_folder import read_index_mask
