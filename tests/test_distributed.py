@@ -129,15 +129,17 @@ def _validate(name: str, devices: int, out_dir: Path, *, padded: bool = False) -
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(out_dir), num_sanity_val_steps=0)
-    if padded:
+    if padded:  # the zoo's loaders built as in one process, so Lightning puts in its padding sampler
+        import zoo.data.datamodule
         import zoo.distributed
 
-        real = zoo.distributed.use_unpadded_validation
+        real = zoo.distributed.use_unpadded_validation, zoo.data.datamodule._distributed
         zoo.distributed.use_unpadded_validation = lambda dm: None
+        zoo.data.datamodule._distributed = lambda: False
         try:
             res = trainer.validate(module, datamodule=dm, verbose=False)
         finally:
-            zoo.distributed.use_unpadded_validation = real
+            zoo.distributed.use_unpadded_validation, zoo.data.datamodule._distributed = real
     else:
         res = trainer.validate(module, datamodule=dm, verbose=False)
     counts = {"val_samples": float(len(dm.val_set))} if getattr(dm, "val_set", None) is not None else {}

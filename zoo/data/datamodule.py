@@ -216,6 +216,12 @@ class ZooDataModule(_lightning_base()):
         sizes = _padded_sizes(ds, self.collate.size_divisor) if not train else None
         if not train and self.val_cache_mb > 0 and getattr(_base(ds), "augment", None) is None:
             ds = SampleCache(ds, self.val_cache_mb)
+        if not train and _distributed():
+            from zoo.distributed import UnpaddedDistributedSampler
+
+            # several processes: each evaluates its own samples, none repeated (Lightning's sampler would pad the
+            # last round with repeats), so the gathered metrics are those of one process
+            return DataLoader(ds, batch_size=bs, sampler=UnpaddedDistributedSampler(ds), **common)
         if sizes is not None and len(set(sizes)) > 1 and not _distributed():
             from zoo.data.samplers import SizeGroupedBatchSampler
 

@@ -388,7 +388,8 @@ class MultiTask(ZooTask):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         from zoo.distributed import use_unpadded_validation
 
-        # several processes: validation loaders that repeat no sample, so the metrics are those of one process
+        # several processes: the zoo's data modules already evaluate without repeats; a data module of the user's
+        # gets its validation loaders rebuilt so (a no-op for loaders that shard themselves)
         use_unpadded_validation(dm)
         info = getattr(dm, "info", None) or {}
         files = dict(info.get("val_ann_files") or {})
