@@ -94,32 +94,83 @@ def test_last_ckpt_is_written_every_epoch_and_every_n_steps(tmp_path: Path, monk
     assert not list((tmp_path / "checkpoints").glob("*.tmp")), "a temporary file was left behind"
 
 
-def test_last_ckpt_written_right_after_best_is_the_same_file_not_a_second_serialisation(tmp_path: Path,
-                                                                                        monkeypatch) -> None:
+def test_background_checkpoint_holds_the_state_of_its_step_while_training_goes_on(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """Checkpoint bytes are written by a thread (slowed down here) while the next epoch trains: best.ckpt of epoch 0
+    still holds epoch 0's weights and step (a copy is taken at the step), and fit returns with every file complete."""
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    orig_save = TorchCheckpointIO.save_checkpoint
+    threads: list[str] = []
+
+    def slow(self, checkpoint, path, storage_options=None):
+        threads.append(__import__("threading").current_thread().name)
+        time.sleep(0.5)
+        return orig_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", slow)
+    seen: dict[str, dict] = {}
+
+    class Record(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 1:
+                seen["after_epoch_0"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    ov = [*BASE, "trainer.max_epochs=3", "callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=min",
+          "callbacks.checkpoint.last_every_minutes=0"]
+    res = train(compose("train", ov, output_dir=tmp_path), callbacks=[Record()])
+    assert threads and all(t.startswith("zoo-checkpoint") for t in threads), threads
+    best, last = _ckpt(Path(res["best_ckpt"])), _ckpt(Path(res["last_ckpt"]))
+    assert best["global_step"] == STEPS_PER_EPOCH and last["global_step"] == 3 * STEPS_PER_EPOCH
+    for k, v in seen["after_epoch_0"].items():
+        torch.testing.assert_close(best["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    assert not list(Path(res["best_ckpt"]).parent.glob(".*.tmp"))
+
+
+def test_failed_background_checkpoint_write_is_raised_and_keeps_the_previous_file(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """A write that fails in the background thread (disk full) stops the run with an error naming the file, and the
+    last.ckpt written before it stays intact and resumable."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    orig_save = TorchCheckpointIO.save_checkpoint
+    calls: list[str] = []
+
+    def full_disk(self, checkpoint, path, storage_options=None):
+        calls.append(Path(path).name)
+        if len(calls) > 2:  # epoch 0's best and last are written, then the disk is full
+            raise OSError(28, "No space left on device")
+        return orig_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full_disk)
+    ov = [*BASE, "trainer.max_epochs=3", "callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=min",
+          "callbacks.checkpoint.last_every_minutes=0"]
+    with pytest.raises(OSError, match=r"writing the checkpoint .*last\.ckpt failed: .*No space left"):
+        train(compose("train", ov, output_dir=tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert _ckpt(last)["global_step"] == STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_last_ckpt_written_right_after_best_is_the_same_file_not_a_second_serialisation(tmp_path: Path, monkeypatch,
+                                                                                        background: bool) -> None:
     """The monitor (epoch, mode=max) improves every epoch: from the second epoch on, last.ckpt written right after
     best.ckpt in the same hook is a link to those bytes (one serialisation per epoch, not two), and its content is
-    what a fresh serialisation gives; in an epoch where the best does not move, last.ckpt is serialised."""
-    from zoo.checkpointing import ZooCheckpoint
+    what a fresh serialisation gives; in an epoch where the best does not move, last.ckpt is serialised. The same
+    with checkpoints written by the background thread and in the foreground."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     saves: list[str] = []
-    orig_save = ZooCheckpoint._save_checkpoint
+    orig_save = TorchCheckpointIO.save_checkpoint
 
-    def spy(self, trainer, filepath):
-        real = trainer.save_checkpoint
+    def spy(self, checkpoint, path, storage_options=None):
+        saves.append(Path(path).name.lstrip(".").removesuffix(".tmp"))  # .last.ckpt.tmp -> last.ckpt
+        return orig_save(self, checkpoint, path, storage_options)
 
-        def counted(path, weights_only=False):
-            saves.append(Path(filepath).name)
-            return real(path, weights_only)
-
-        trainer.save_checkpoint = counted
-        try:
-            orig_save(self, trainer, filepath)
-        finally:
-            trainer.save_checkpoint = real
-
-    monkeypatch.setattr(ZooCheckpoint, "_save_checkpoint", spy)
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", spy)
     ov = [*BASE, "trainer.max_epochs=3", "callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=max",
-          "callbacks.checkpoint.last_every_minutes=0"]
+          "callbacks.checkpoint.last_every_minutes=0", f"callbacks.checkpoint.background_writes={background}"]
     res = train(compose("train", ov, output_dir=tmp_path))
     best, last = Path(res["best_ckpt"]), Path(res["last_ckpt"])
     assert best.stat().st_ino == last.stat().st_ino or best.read_bytes() == last.read_bytes()
@@ -131,7 +182,7 @@ def test_last_ckpt_written_right_after_best_is_the_same_file_not_a_second_serial
     assert b["callbacks"][cb]["last_model_path"] == str(last) and b["callbacks"][cb]["best_model_path"] == str(best)
     # a run whose best never moves after epoch 0 serialises last.ckpt itself every epoch
     saves.clear()
-    ov[-3:-1] = ["callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=min"]
+    ov[-4:-2] = ["callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=min"]
     res = train(compose("train", ov, output_dir=tmp_path / "flat"))
     assert saves.count("last.ckpt") == 3 and saves.count(Path(res["best_ckpt"]).name) == 1, saves
     assert _ckpt(Path(res["last_ckpt"]))["global_step"] == 3 * STEPS_PER_EPOCH

@@ -5,7 +5,9 @@
   unless the run resumes (``ckpt_path=...``).
 * :class:`ZooCheckpoint` (a ``ModelCheckpoint``) keeps ``best.ckpt`` and writes ``last.ckpt`` on its own schedule:
   every epoch end, every ``last_every_n_steps`` optimizer steps and/or every ``last_every_minutes``, always through
-  a temporary file and ``os.replace`` (a kill never leaves a half-written checkpoint). It checks before training
+  a temporary file and ``os.replace`` (a kill never leaves a half-written checkpoint); in a single-process run the
+  bytes are written by a background thread from a copy of the state taken at the step, so training goes on while
+  the file is written (``callbacks.checkpoint.background_writes``). It checks before training
   that the checkpoint folder is writable, and on SIGINT / SIGTERM (Ctrl+C, cluster pre-emption) it finishes the
   current step, writes a resumable ``last.ckpt``, says how to resume (``ckpt_path=...``) and exits with 128 + the
   signal number.
@@ -46,6 +48,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
 log = logging.getLogger(__name__)
@@ -293,13 +296,20 @@ class ZooCheckpoint(ModelCheckpoint):
         handle_signals: on SIGINT/SIGTERM finish the step, write ``last.ckpt``, print the resume command and exit
             with 128 + the signal number (a second signal stops at once).
         run_dir: the run folder, used in the printed resume command (``hydra.run.dir=...``).
+        background_writes: in a single-process run, serialise and write checkpoints in a background thread from a
+            copy of the state taken at the step (one write in flight at a time, so at most one extra copy of the
+            state in memory); training waits for nothing but the copy. Every file is complete before fitting
+            returns, before a checkpoint is removed and before an interrupted run exits; a failed write is raised
+            at the next checkpoint or at the end of fitting. Off: every write blocks the step (several processes,
+            and loggers that upload checkpoints as they are saved, always write in the foreground).
 
     ``last.ckpt`` is written at every training epoch end whatever the monitored metric did (``save_last``), and
     at the end of training. Every checkpoint is written to a temporary file and moved into place.
     """
 
     def __init__(self, *args: Any, last_every_n_steps: int = 0, last_every_minutes: float = 0.0,
-                 handle_signals: bool = True, run_dir: str | Path | None = None, **kwargs: Any) -> None:
+                 handle_signals: bool = True, run_dir: str | Path | None = None, background_writes: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if last_every_n_steps < 0 or last_every_minutes < 0:
             raise ValueError("callbacks.checkpoint.last_every_n_steps and last_every_minutes must be >= 0 "
@@ -319,6 +329,10 @@ class ZooCheckpoint(ModelCheckpoint):
         self._flag_group: Any = None
         self._just_written: tuple | None = None
         self._linking = False
+        self.background_writes = bool(background_writes)
+        self._writer: Any = None  # a one-thread ThreadPoolExecutor, made at the first background write
+        self._jobs: list[tuple[Any, str]] = []  # (future, path) of writes not yet waited for
+        self._pending_paths: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -338,14 +352,25 @@ class ZooCheckpoint(ModelCheckpoint):
             return
         tmp = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
         source = self._same_checkpoint_written(trainer)
+        background = self._writes_in_background(trainer)
         if source is not None:
             # last.ckpt right after best.ckpt in the same hook, same step, same callback state: the bytes would be
-            # identical, so link (or copy) the file just written instead of serialising the whole state again
-            if trainer.is_global_zero:
+            # identical, so link (or copy) the file just written instead of serialising the whole state again (in
+            # the background: queued after that file's own write)
+            if background:
+                self._submit(lambda: (_link_or_copy(source, tmp), os.replace(tmp, filepath)), filepath)
+            elif trainer.is_global_zero:
                 _link_or_copy(source, tmp)
+        elif background:
+            self._wait_for_writes()  # one write in flight: at most one extra copy of the state in memory
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+            # a copy taken now, on this thread: the optimizer's next step changes the live tensors in place
+            checkpoint = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+            io = trainer.strategy.checkpoint_io
+            self._submit(lambda: (io.save_checkpoint(checkpoint, tmp), os.replace(tmp, filepath)), filepath)
         else:
             trainer.save_checkpoint(tmp, self.save_weights_only)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not background:
             os.replace(tmp, filepath)
         trainer.strategy.barrier("zoo_checkpoint_replace")
         self._last_global_step_saved = trainer.global_step
@@ -354,6 +379,60 @@ class ZooCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+    # ------------------------------------------------------------------ background writes
+    def _writes_in_background(self, trainer: Any) -> bool:
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        if not self.background_writes or trainer.world_size != 1:
+            return False
+        if not isinstance(trainer.strategy, SingleDeviceStrategy):
+            return False
+        # loggers that upload each checkpoint as it is saved (W&B / MLflow log_model) read the file at once
+        return not any(getattr(lg, "_log_model", False) for lg in trainer.loggers)
+
+    def _submit(self, job: Any, path: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._raise_failed_writes()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoo-checkpoint")
+        self._pending_paths.add(path)
+        self._jobs.append((self._writer.submit(job), path))
+
+    def _raise_failed_writes(self, wait: bool = False) -> None:
+        done = [(f, p) for f, p in self._jobs if wait or f.done()]
+        self._jobs = [j for j in self._jobs if j not in done]
+        first: tuple[BaseException, str] | None = None
+        for fut, path in done:
+            err = fut.exception()  # waits for that write
+            self._pending_paths.discard(path)
+            if err is not None and first is None:
+                first = (err, path)
+        if first is not None:
+            err, path = first
+            raise OSError(f"writing the checkpoint {path} failed: {err} (the file that was there before, if any, is "
+                          "intact; free space or fix the folder's permissions, then resume from it)") from err
+
+    def _wait_for_writes(self) -> None:
+        """Block until every background checkpoint write is on disk; raise the first one that failed."""
+        self._raise_failed_writes(wait=True)
+
+    def flush(self) -> None:
+        """Every checkpoint written so far is complete on disk when this returns (a failed write raises here)."""
+        self._wait_for_writes()
+
+    def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
+        self._wait_for_writes()  # never remove a file that a queued write is about to create or replace
+        super()._remove_checkpoint(trainer, filepath)
+
+    def _shutdown_writer(self) -> None:
+        try:
+            self._wait_for_writes()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     def _state_snapshot(self) -> str:
         return repr(sorted((k, repr(v.tolist() if isinstance(v, torch.Tensor) else v))
@@ -365,7 +444,8 @@ class ZooCheckpoint(ModelCheckpoint):
         if not prev or not self._linking:
             return None
         path, step, weights_only, state = prev
-        if step != trainer.global_step or weights_only != self.save_weights_only or not os.path.isfile(path):
+        if step != trainer.global_step or weights_only != self.save_weights_only or not (
+                os.path.isfile(path) or path in self._pending_paths):
             return None
         return path if state == self._state_snapshot() else None
 
@@ -454,14 +534,22 @@ class ZooCheckpoint(ModelCheckpoint):
         if self.save_last and not _skip_saving(trainer) and trainer.global_step != self._last_write_step:
             self.write_last(trainer)
         self._restore_signal_handlers()
+        self._shutdown_writer()  # fit returns with every checkpoint on disk (the final evaluation reads best.ckpt)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore_signal_handlers()
-        super().teardown(trainer, pl_module, stage)
+        try:
+            self._shutdown_writer()
+        finally:
+            super().teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore_signal_handlers()
         super().on_exception(trainer, pl_module, exception)
+        try:
+            self._wait_for_writes()  # whatever stopped the run, the checkpoints already queued reach the disk
+        except OSError as err:
+            log.error("%s", err)
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or self._force_quit:
             return
         signum = self._signum or (signal.SIGTERM if isinstance(exception, SIGTERMException) else signal.SIGINT)
@@ -471,6 +559,7 @@ class ZooCheckpoint(ModelCheckpoint):
         else:
             try:
                 path = self.write_last(trainer, force=True)
+                self._wait_for_writes()  # on disk before saying so, and before the process exits
             except Exception as err:  # noqa: BLE001 - say so, and let the interrupt proceed
                 log.error("Interrupted by %s: could not save last.ckpt in %s: %s", name, self.dirpath, err)
             else:
@@ -877,7 +966,8 @@ def build_run_callbacks(cfg: Any, out_dir: Path, *, monitor: str, mode: str) -> 
                             auto_insert_metric_name=False, enable_version_counter=False,
                             last_every_n_steps=int(ck.get("last_every_n_steps") or 0),
                             last_every_minutes=float(ck.get("last_every_minutes") or 0.0),
-                            handle_signals=bool(ck.get("handle_signals", True)), run_dir=out_dir)
+                            handle_signals=bool(ck.get("handle_signals", True)), run_dir=out_dir,
+                            background_writes=bool(ck.get("background_writes", True)))
     extra: list[Callback] = [ResumableTrainData(seed=int(OmegaConf.select(cfg, "seed", default=0) or 0))]
     action = str(c.get("nonfinite", "stop"))
     if action != "off":

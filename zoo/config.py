@@ -269,6 +269,8 @@ class CheckpointConf:
     last_every_minutes: float = 30.0
     #: on SIGINT/SIGTERM: finish the step, save a resumable last.ckpt, print how to resume, exit 128+signal
     handle_signals: bool = True
+    #: single-process runs write checkpoints from a copy of the state in a background thread (training goes on)
+    background_writes: bool = True
 
 
 @dataclass
