@@ -21,16 +21,18 @@ def _module(name: str):
 @pytest.mark.slow
 def test_speed_benchmark_runs_the_zoo_path_and_the_plain_loop(tmp_path: Path) -> None:
     res = _module("speed").main(["--task", "cls", "--epochs", "1", "--size", "32", "--batch", "16", "--repeats", "1",
-                                 "--sides", "zoo,plain", "--latency-repeats", "3", "--work", str(tmp_path / "w"),
+                                 "--sides", "zoo,plain,memory,zoo_device_decode", "--latency-repeats", "3",
+                                 "--work", str(tmp_path / "w"),
                                  "--out", str(tmp_path / "speed")])
     cls = res["tasks"]["cls"]
     zoo, plain = cls["zoo"][0], cls["plain"][0]
-    assert zoo["images"] == plain["images"] > 0  # the same training images on both sides
+    assert zoo["images"] == plain["images"] == cls["memory"][0]["images"] > 0  # the same training images everywhere
+    assert cls["zoo_device_decode"][0]["images"] == zoo["images"]
     assert set(zoo["split"]) == {"setup", "steps", "data", "val", "epoch_end", "finish"}
     assert abs(sum(zoo["split"].values()) - zoo["wall_s"]) < 0.05 * zoo["wall_s"] + 1.0
     assert cls["serving"]["predictor_b1"]["p50_ms"] > 0 and "p99_ms" in cls["serving"]["onnx_b1"]
     text = (tmp_path / "speed.md").read_text()
-    assert "| cls | zoo |" in text and json.loads((tmp_path / "speed.json").read_text())["device"] == "cpu"
+    assert "| cls | zoo |" in text and "| cls | memory |" in text and json.loads((tmp_path / "speed.json").read_text())["device"] == "cpu"
 
 
 @pytest.mark.slow

@@ -73,6 +73,11 @@ class DataConf:
     #: faster), never below what the resize needs (validation: both sides >= max(input_size); training: 2x that, or
     #: what the smallest RandomResizedCrop needs); boxes and masks follow. false: always decode at full size
     fast_decode: bool = True
+    #: where images are decoded: "workers" (the loader processes, on the CPU) or "device" (the training device after
+    #: the batch is moved there: nvJPEG on a GPU; crops, flips, resize and normalisation there too; the workers only
+    #: read bytes and draw the augmentation, zoo.data.device_decode). Supports image_folder and coco data with
+    #: RandomResizedCrop / HorizontalFlip augmentation
+    decode_on: str = "workers"
     #: validation samples (deterministic: no augmentation) kept in memory after the first pass, up to this many MiB
     #: per loader process (0: off); later validations skip decoding and resizing
     val_cache_mb: int = 512
@@ -407,6 +412,7 @@ class PredictConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": ("shapes", "coco", "image_folder", "mask_folder", "coco_crops", "identity_folder", "shards"),
     "data.on_bad_annotation": ("raise", "skip"),
+    "data.decode_on": ("workers", "device"),
     "model.task": ("classification", "detection", "semantic", "instance", "similarity", "multitask"),
     "model.resize": ("stretch", "longest", "letterbox"),
     "model.balance": ("fixed", "uncertainty", "pcgrad"),

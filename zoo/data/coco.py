@@ -387,10 +387,51 @@ class CocoDataset(Dataset):
     #: data module from the model's input size and the augmentation (``data.fast_decode``)
     decode_min_side: int | None = None
 
+    #: ``data.decode_on=device``: the augmentation plan drawn per sample (:mod:`zoo.data.device_decode`); samples
+    #: then carry the file's bytes instead of a decoded image (set by the data module)
+    device_plan: Any = None
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
+        if self.device_plan is not None:
+            return self.encoded_sample(rec)
         img, r, _ = load_rgb_reduced(rec.file, self.decode_min_side)
         return self.make_sample(rec, img, reduction=r)
+
+    def encoded_sample(self, rec: ImageRecord) -> dict[str, Any]:
+        """The sample of ``rec`` for decoding on the device: the file's bytes (``encoded``), the crop ``window`` and
+        ``flip`` drawn from :attr:`device_plan`, and targets already cropped, flipped and resized to the output
+        size (:func:`zoo.data.device_decode.decode_batch` does the same to the pixels)."""
+        from zoo.data.device_decode import crop_flip_boxes, crop_flip_mask, draw_window, encoded_image
+
+        data, hw = encoded_image(rec.file)
+        if hw != (rec.height, rec.width):
+            raise BadAnnotationError(f"{rec.file} is {hw[1]}x{hw[0]} but the json says {rec.width}x{rec.height}: fix "
+                                     f"images[].width/height for image id {rec.image_id}")
+        plan = self.device_plan
+        window, flip = draw_window(rec.height, rec.width, plan)
+        boxes, labels, crowd = rec.boxes, rec.labels, rec.iscrowd
+        sem = self.index.semantic_mask(rec) if "semantic" in self.formats else None
+        masks = [self.index.ann_mask(a) for a in rec.ann_ids] if "instance" in self.formats else None
+        if flip or window != (0, 0, rec.height, rec.width):
+            boxes, keep = crop_flip_boxes(boxes, window, flip, min_visibility=plan.min_visibility,
+                                          min_area=plan.min_area)
+            labels, crowd = np.asarray(labels)[keep], np.asarray(crowd)[keep]
+            masks = [crop_flip_mask(masks[j], window, flip) for j in keep] if masks is not None else None
+            sem = crop_flip_mask(sem, window, flip) if sem is not None else None
+        size = self.input_size
+        if self.train_sizes and not plan.identity:
+            size = self.train_sizes[int(np.random.randint(len(self.train_sizes)))]
+        info = compute_resize(window[2:], size, self.resize)
+        sample: dict[str, Any] = {"encoded": data, "window": window, "flip": flip, "image_id": rec.image_id,
+                                  "orig_size": (rec.height, rec.width), "size": info.size,
+                                  "scale": (info.scale_y, info.scale_x)}
+        targets = {f: self._target(f, rec, boxes, labels, crowd, masks, sem, info) for f in self.formats}
+        if self.multi:
+            sample["targets"] = targets
+        else:
+            sample["target"] = targets[self.target]
+        return sample
 
     def make_sample(self, rec: ImageRecord, img: np.ndarray, *, reduction: int = 1) -> dict[str, Any]:
         """The sample of record ``rec`` from its decoded ``(H, W, 3)`` uint8 image (augmented when this dataset

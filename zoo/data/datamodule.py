@@ -45,15 +45,25 @@ def collate(samples: Sequence[dict[str, Any]], *, size_divisor: int = 32,
     ``[(h, w)]`` valid size of each image inside the padding; ``orig_sizes`` ``[(H, W)]``; ``scales``
     ``[(sy, sx)]``; ``image_ids``.
     """
-    images = pad_batch([s["image"] for s in samples], size_divisor=size_divisor)
     batch: dict[str, Any] = {
-        "images": images,
         "image_sizes": [tuple(s["size"]) for s in samples],
         "orig_sizes": [tuple(s["orig_size"]) for s in samples],
         "scales": [tuple(s["scale"]) for s in samples],
         "image_ids": [s["image_id"] for s in samples],
     }
-    hw = tuple(images.shape[-2:])
+    if "encoded" in samples[0]:
+        # data.decode_on=device: the bytes travel to the main process; zoo.data.device_decode.decode_batch makes the
+        # images there. The padded size (of the targets, and of the images to come) is known from the sizes already.
+        from zoo.data.device_decode import EncodedImages
+
+        d = max(1, int(size_divisor))
+        hw = tuple((max(int(s["size"][k]) for s in samples) + d - 1) // d * d for k in (0, 1))
+        batch.update(encoded=EncodedImages([s["encoded"] for s in samples]), windows=[s["window"] for s in samples],
+                     flips=[bool(s["flip"]) for s in samples], padded_hw=hw)
+    else:
+        images = pad_batch([s["image"] for s in samples], size_divisor=size_divisor)
+        batch["images"] = images
+        hw = tuple(images.shape[-2:])
     if "targets" in samples[0]:
         formats = tuple(samples[0]["targets"])
         batch["targets"] = {f: _stack_targets([s["targets"][f] for s in samples], hw) for f in formats}
@@ -63,7 +73,8 @@ def collate(samples: Sequence[dict[str, Any]], *, size_divisor: int = 32,
         if target_format is not None:
             batch["target_format"] = target_format
     for key in samples[0]:
-        if key not in batch and key not in ("image", "target", "targets", "size", "orig_size", "scale", "image_id"):
+        if key not in batch and key not in ("image", "target", "targets", "size", "orig_size", "scale", "image_id",
+                                            "encoded", "window", "flip"):
             vals = [s[key] for s in samples]
             batch[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
     return batch
@@ -183,6 +194,9 @@ class ZooDataModule(_lightning_base()):
         train_batch_sampler: factory ``(dataset, batch_size) -> batch sampler`` (e.g. class-balanced); replaces shuffle.
         info: free metadata (class names, category ids, ...) the task reads.
         target_format: the format name of the datasets' targets, put on every batch (``target_format``).
+        device_decode: ``{"mean", "std"}`` when the datasets send encoded images (``data.decode_on=device``): the
+            batches are decoded, cropped, resized and normalised on the training device once there
+            (:func:`zoo.data.device_decode.decode_batch`).
     """
 
     def __init__(self, train_set: Dataset | None, val_set: Dataset | None, *, batch_size: int = 32,
@@ -190,8 +204,10 @@ class ZooDataModule(_lightning_base()):
                  persistent_workers: bool = True, size_divisor: int = 32,
                  train_batch_sampler: Callable | None = None, drop_last: bool = True,
                  info: Mapping[str, Any] | None = None, target_format: str | Sequence[str] | None = None,
-                 val_cache_mb: int = 0) -> None:
+                 val_cache_mb: int = 0, device_decode: Mapping[str, Any] | None = None) -> None:
         super().__init__()
+        #: ``data.decode_on=device``: {"mean", "std"} to finish the batches on the device (see on_after_batch_transfer)
+        self.device_decode = dict(device_decode) if device_decode else None
         self.val_cache_mb = int(val_cache_mb)
         self.train_set, self.val_set = train_set, val_set
         self.batch_size = int(batch_size)
@@ -250,6 +266,27 @@ class ZooDataModule(_lightning_base()):
         warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
         return DataLoader(ds, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Encoded batches (``data.decode_on=device``) become image batches here, on the training device."""
+        if self.device_decode is None:
+            return batch
+        from zoo.data.device_decode import decode_batch
+
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+        def finish(b: Any) -> Any:
+            if isinstance(b, dict) and "encoded" in b:
+                return decode_batch(b, mean=self.device_decode["mean"], std=self.device_decode["std"],
+                                    size_divisor=self.collate.size_divisor, device=device)
+            if isinstance(b, dict):
+                return {k: finish(v) for k, v in b.items()}
+            if isinstance(b, (list, tuple)) and b and all(isinstance(v, dict) for v in b):
+                return type(b)(finish(v) for v in b)
+            return b
+
+        return finish(batch)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -649,7 +686,10 @@ def datamodule_from_config(data_cfg: Any, fmt: str, pre: Mapping[str, Any], *, s
     sets = build_datasets(cfg, fmt, pre, augment=augment, stages=stages)
     if seed is not None and _is_stream(sets.get("train")):
         sets["train"].seed = int(seed)  # the run's seed draws the shard order and the shuffle of every epoch
-    if cfg.get("fast_decode", True):
+    device_decode = None
+    if cfg.get("decode_on", "workers") == "device":
+        device_decode = _device_decode(cfg, sets, pre, stages)
+    elif cfg.get("fast_decode", True):
         for stage, ds in sets.items():
             # map-style readers, or the dataset a shard stream's decoder fills its samples with
             target = getattr(getattr(ds, "decoder", None), "dataset", None) if _is_stream(ds) else _base(ds)
@@ -661,7 +701,28 @@ def datamodule_from_config(data_cfg: Any, fmt: str, pre: Mapping[str, Any], *, s
                          eval_batch_size=cfg.get("eval_batch_size"), num_workers=cfg["num_workers"],
                          pin_memory=cfg["pin_memory"], persistent_workers=cfg["persistent_workers"],
                          size_divisor=size_divisor, train_batch_sampler=train_batch_sampler, info=info,
-                         target_format=fmt, val_cache_mb=int(cfg.get("val_cache_mb", 0) or 0))
+                         target_format=fmt, val_cache_mb=int(cfg.get("val_cache_mb", 0) or 0),
+                         device_decode=device_decode)
+
+
+def _device_decode(cfg: Mapping[str, Any], sets: Mapping[str, Any], pre: Mapping[str, Any],
+                   stages: Sequence[str]) -> dict[str, Any]:
+    """Switch the datasets to encoded samples (``data.decode_on=device``): the training set draws the plan of
+    ``data.augment``, the validation set the identity; returns the data module's ``device_decode``."""
+    from zoo.config import ConfigError
+    from zoo.data.device_decode import GeometryPlan, geometry_plan
+
+    plan = geometry_plan(cfg.get("augment"), min_visibility=float(cfg.get("min_visibility", 0.3)))
+    for stage, ds in sets.items():
+        if stage not in ("train", "val") or ds is None:
+            continue
+        base = _base(ds)
+        if not hasattr(type(base), "device_plan"):
+            raise ConfigError(f"data.decode_on=device reads image files of data.kind=image_folder or coco; "
+                              f"data.kind={cfg['kind']} ({type(base).__name__}) decodes in the loader workers only: "
+                              "set data.decode_on=workers")
+        base.device_plan = plan if stage == "train" else GeometryPlan()
+    return {"mean": list(pre["mean"]), "std": list(pre["std"])}
 
 
 def decode_min_side(pre: Mapping[str, Any], cfg: Mapping[str, Any], *, train: bool) -> int | None:

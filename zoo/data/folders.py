@@ -77,8 +77,20 @@ class ImageFolderDataset(Dataset):
     #: data module (``data.fast_decode``)
     decode_min_side: int | None = None
 
+    #: ``data.decode_on=device``: the augmentation plan drawn per sample (:mod:`zoo.data.device_decode`); samples
+    #: then carry the file's bytes instead of a decoded image (set by the data module)
+    device_plan: Any = None
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         path, label = self.samples[i]
+        if self.device_plan is not None:
+            from zoo.data.device_decode import draw_window, encoded_image
+
+            data, (H, W) = encoded_image(path)
+            window, flip = draw_window(H, W, self.device_plan)
+            info = compute_resize(window[2:], self.input_size, self.resize)
+            return {"encoded": data, "window": window, "flip": flip, "target": torch.tensor(label, dtype=torch.long),
+                    "image_id": i, "orig_size": (H, W), "size": info.size, "scale": (info.scale_y, info.scale_x)}
         img, r, full = load_rgb_reduced(path, self.decode_min_side)
         return self.make_sample(img, label, i, reduction=r, full_size=full)
 
