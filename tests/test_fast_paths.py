@@ -219,3 +219,25 @@ def test_cpu_optimizers_are_fused_and_step_like_the_loop(name: str) -> None:
             o.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_workers_follow_the_cores_and_the_local_processes(monkeypatch, tmp_path: Path) -> None:
+    """``data.num_workers=-1`` (the default): one loader process per core this process may use, shared by the
+    training processes of the machine, capped at 8; below -1 is refused naming the key."""
+    import os
+
+    from tests.conftest import compose
+    from zoo.config import ConfigError, TrainConfig, validate
+    from zoo.data.datamodule import ZooDataModule, auto_workers
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert auto_workers() == max(1, min(8, cores)) and auto_workers(cap=1) == 1
+    assert ZooDataModule(None, None, num_workers=-1).num_workers == auto_workers()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert auto_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert auto_workers() == 4
+    assert compose("train", []).data.num_workers == -1
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        validate(compose("train", ["data.num_workers=-2"], output_dir=tmp_path), TrainConfig)

@@ -52,8 +52,9 @@ class DataConf:
     #: images per training step (per device); eval_batch_size defaults to it
     batch_size: int = 64
     eval_batch_size: Optional[int] = None
-    #: loader processes per data source (0: load in the training process)
-    num_workers: int = 2
+    #: loader processes per data source (0: load in the training process; -1: one per CPU core this process may use,
+    #: shared by the training processes of the machine, at most 8)
+    num_workers: int = -1
     pin_memory: bool = True
     persistent_workers: bool = True
     #: raise: stop at the first bad annotation or image, naming it; skip: drop and count them
@@ -481,6 +482,10 @@ def validate(cfg: DictConfig, schema_cls: type = TrainConfig) -> DictConfig:
     frac = OmegaConf.select(merged, "data.val_fraction", default=None)
     if frac is not None and not 0.0 < float(frac) < 1.0:
         raise ConfigError(f"config error at 'data.val_fraction': {frac} must be between 0 and 1 (e.g. 0.2), or null")
+    workers = OmegaConf.select(merged, "data.num_workers", default=0)
+    if workers is not None and int(workers) < -1:
+        raise ConfigError(f"config error at 'data.num_workers': {workers} - give 0 (load in the training process), a "
+                          "number of loader processes, or -1 (one per CPU core, at most 8)")
     return merged
 
 

@@ -14,7 +14,7 @@ from zoo.preprocess import IGNORE_INDEX, pad_batch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["collate", "ZooDataModule", "build_datasets", "resolve_coco_split", "DATASET_KINDS"]
+__all__ = ["collate", "auto_workers", "ZooDataModule", "build_datasets", "resolve_coco_split", "DATASET_KINDS"]
 
 
 
@@ -166,6 +166,20 @@ def _copy_tensors(x: Any) -> Any:
     return x
 
 
+def auto_workers(cap: int = 8) -> int:
+    """Loader processes for ``data.num_workers=-1``: the CPU cores this process may run on, shared by the training
+    processes of this machine (``LOCAL_WORLD_SIZE``, set by torchrun), at most ``cap`` (beyond that, decoding a
+    batch is rarely what a step waits for), at least 1."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(int(cap), cores // local))
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -187,7 +201,7 @@ class ZooDataModule(_lightning_base()):
     Args:
         train_set, val_set: datasets returning sample dicts (see :func:`collate`).
         batch_size: training batch size per device; ``eval_batch_size`` defaults to it.
-        num_workers: loader processes (0 loads in the main process).
+        num_workers: loader processes (0 loads in the main process; -1: :func:`auto_workers`).
         pin_memory: pin host memory (only used when a GPU is present).
         persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
         size_divisor: padding multiple for batched images.
@@ -212,7 +226,7 @@ class ZooDataModule(_lightning_base()):
         self.train_set, self.val_set = train_set, val_set
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = auto_workers() if int(num_workers) < 0 else int(num_workers)
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.collate = _Collate(size_divisor, target_format if isinstance(target_format, str) or target_format is None
