@@ -15,6 +15,8 @@ Semantic-FPN from a COCO json's masks) and repeat, interleaved so every side see
 * ``zoo_val_once``: the same with validation once at the end (what the plain loop does);
 * ``plain``: a hand-written loop over the same files with torchvision's readers and transforms (``ImageFolder`` /
   ``CocoDetection``), the same model class, optimizer, batch size, image size and epochs, one validation pass;
+* ``plain_fused`` (opt-in): the plain loop with torch's fused AdamW, the optimizer the zoo uses: the rest of the gap
+  to the zoo's steps is Lightning's and the zoo's own per-step work;
 * ``memory``: the plain loop over the same batches already decoded and held in memory (the ceiling without data
   loading: "files vs synthetic tensors");
 * ``zoo_device_decode`` (opt-in with ``--sides``): the zoo path with ``data.decode_on=device`` (JPEGs decoded and
@@ -257,12 +259,14 @@ def _loader(ds, batch: int, shuffle: bool, device: str, collate=None):
                                        persistent_workers=True, pin_memory=device == "cuda", drop_last=False)
 
 
-def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
+def _optimizer(model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """torch's AdamW as a plain script writes it (on CPU: torch's default loop over the tensors), or ``fused``."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05,
+                             **({"fused": True} if fused else {}))
 
 
 def run_plain(task: str, s: dict[str, Any], data_root: Path, device: str, reference: bool,
-              memory: bool = False) -> dict[str, Any]:
+              memory: bool = False, fused: bool = False) -> dict[str, Any]:
     """The hand-written loop: the zoo's network (or the reference model) trained on the same files; ``memory``:
     over the first epoch's batches loaded before the clock starts (no decoding while timed)."""
     from torchvision.transforms import v2 as T
@@ -309,7 +313,7 @@ def run_plain(task: str, s: dict[str, Any], data_root: Path, device: str, refere
 
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = _optimizer(model)
+    opt = _optimizer(model, fused)
     loader = _loader(train_ds, bs, True, device, collate)
     if memory:
         loader = list(loader)  # decoded once, before the clock starts; every epoch replays these batches
@@ -479,7 +483,7 @@ def report(res: dict[str, Any]) -> str:
              "finish | ratio run vs plain |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, t in res["tasks"].items():
         plain = median(t["plain"], "wall_s")
-        for side in ("zoo", "zoo_val_once", "zoo_device_decode", "plain", "memory", "reference"):
+        for side in ("zoo", "zoo_val_once", "zoo_device_decode", "plain", "plain_fused", "memory", "reference"):
             rows = t.get(side) or []
             if not rows:
                 continue
@@ -537,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "zoo_val_once": lambda: run_zoo(task, [*ov, f"trainer.check_val_every_n_epoch={s['epochs']}"], work, "v1"),
             "plain": lambda: run_plain(task, s, data_root, args.device, reference=False),
             "memory": lambda: run_plain(task, s, data_root, args.device, reference=False, memory=True),
+            "plain_fused": lambda: run_plain(task, s, data_root, args.device, reference=False, fused=True),
             "zoo_device_decode": lambda: run_zoo(task, [*ov, "data.decode_on=device"], work, "dd"),
             "reference": lambda: run_plain(task, s, data_root, args.device, reference=True),
         }
