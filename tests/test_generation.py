@@ -1,9 +1,11 @@
 """Text-to-image generation: captions from annotations, the COCO captions reader, the GenEval-style grader on real
-and broken images, sampling determinism and batching, the bundle round trip in a fresh process, and (slow) a tiny
-training run whose samples grade above an untrained model's."""
+and broken images, sampling determinism and batching, the bundle round trip in a fresh process, image variations
+conditioned on a zoo similarity model's embedding (spec, bundle, seeding, training, a short colour overfit), the ONNX
+denoiser against torch, and (slow) a tiny training run whose samples grade above an untrained model's."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -319,3 +321,209 @@ def test_tiny_training_run_beats_an_untrained_model() -> None:
     model.eval()
     after = grade(model)
     assert after > before + 0.25, (before, after)
+
+
+# ------------------------------------------------------------------ image variations (image_condition)
+SIM = "test_resnet.shapes_sim"
+
+
+def varied_spec(size: int = 16, **condition) -> dict:
+    spec = tiny_spec(size)
+    spec["heads"]["gen"]["image_condition"] = {"model": SIM, "tokens": 4, "prob": 0.5, **condition}
+    return spec
+
+
+def picture(color: tuple[int, int, int], shape: str = "disc", size: int = 16) -> np.ndarray:
+    """A flat-grey ``(S, S, 3)`` uint8 picture with one big ``color`` disc or square in the middle."""
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    c = size / 2
+    inside = ((yy - c) ** 2 + (xx - c) ** 2 < (0.35 * size) ** 2) if shape == "disc" else \
+        (np.abs(yy - c) < 0.3 * size) & (np.abs(xx - c) < 0.3 * size)
+    img = np.full((size, size, 3), 128, np.uint8)
+    img[inside] = color
+    return img
+
+
+def test_image_condition_spec_round_trip_and_bundle(tmp_path: Path) -> None:
+    """The spec records the similarity model's reference, weights digest and embedding size; its JSON rebuilds the
+    same model; the similarity weights are not in the state dict; a bundle loads again (re-loading the similarity
+    model by name) and samples the same variations; a wrong digest or a missing model is a clear error."""
+    import copy
+    import shutil
+
+    from zoo.heads.generation import DiffusionHead
+    from zoo.hub.bundle import BundleError
+    from zoo.hub.registry import resolve
+
+    torch.manual_seed(0)
+    model = zoo.create_model(varied_spec())
+    ic = model.spec.heads["gen"]["image_condition"]
+    sim_meta = json.loads((resolve(SIM) / "model.json").read_text())
+    assert ic["model"] == SIM and ic["sha256"] == sim_meta["weights"]["sha256"] and ic["dim"] == 64
+    assert ic["head"] == "emb" and ic["tokens"] == 4 and ic["prob"] == 0.5
+    assert not [k for k in model.state_dict() if k.startswith("heads.gen.") and "_embedder" in k]
+    assert {k for k in model.state_dict() if "image_" in k} == {
+        "heads.gen.image_proj.weight", "heads.gen.image_proj.bias", "heads.gen.image_norm.weight",
+        "heads.gen.image_norm.bias"}
+    n_sim = sum(p.numel() for p in model.heads["gen"].embedder.model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == model.heads["gen"].num_parameters() + \
+        sum(p.numel() for p in model.backbone.parameters()) and n_sim > 0
+    again = zoo.create_model(json.loads(json.dumps(model.spec.to_dict())))
+    again.load_state_dict(model.state_dict())
+    ref = picture((220, 30, 30), size=40)
+    want = np.stack(zoo.Generator(model.eval()).vary(ref, n=2, steps=3, seed=4))
+    assert np.array_equal(np.stack(zoo.Generator(again.eval()).vary(ref, n=2, steps=3, seed=4)), want)
+    # bind_data (the training path) records the digest in the spec it stores
+    kw = {"vocab": ["a"], "image_condition": {"model": SIM, "tokens": 2}}
+    DiffusionHead.bind_data(kw, {"class_names": []})
+    assert kw["image_condition"]["sha256"] == ic["sha256"] and kw["image_condition"]["prob"] == 0.5
+    folder = save_bundle(tmp_path / "bundle", model.state_dict(), model_meta(model.spec))
+    loaded = zoo.load(folder)
+    assert np.array_equal(np.stack(zoo.Generator(loaded).vary(ref, n=2, steps=3, seed=4)), want)
+    bad = copy.deepcopy(model.spec.to_dict())
+    bad["heads"]["gen"]["image_condition"]["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="sha256"):
+        zoo.create_model(bad)
+    # a similarity model given by path must be there again at load time
+    sim_copy = Path(shutil.copytree(resolve(SIM), tmp_path / "sim"))
+    spec = varied_spec()
+    spec["heads"]["gen"]["image_condition"]["model"] = str(sim_copy)
+    m2 = zoo.create_model(spec)
+    b2 = save_bundle(tmp_path / "bundle2", m2.state_dict(), model_meta(m2.spec))
+    shutil.rmtree(sim_copy)
+    with pytest.raises(BundleError, match=r"image_condition\.model=.*sim.*cannot be loaded.*bundle folder"):
+        zoo.load(b2)
+    with pytest.raises(ValueError, match="unknown key"):
+        zoo.create_model(varied_spec(token=3))
+    with pytest.raises(ValueError, match="is a URL"):  # building a spec never downloads what it names
+        zoo.create_model(varied_spec(model="https://example.com/sim/"))
+
+
+def test_vary_returns_n_seeded_images_and_refuses_text_only_heads(tmp_path: Path) -> None:
+    from PIL import Image
+
+    torch.manual_seed(0)
+    g = zoo.Generator(zoo.create_model(varied_spec()), batch_size=3)
+    ref = picture((30, 30, 220), "square", size=48)
+    a = g.vary(ref, n=4, steps=3, seed=7)
+    assert len(a) == 4 and all(x.shape == (16, 16, 3) and x.dtype == np.uint8 for x in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, g.vary(ref, n=4, steps=3, seed=7)))
+    assert not np.array_equal(a[0], a[1])  # different noise seeds: different variations
+    assert not np.array_equal(a[0], g.vary(ref, n=1, steps=3, seed=8)[0])
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    from_file = g.vary(tmp_path / "ref.png", n=4, steps=3, seed=7)
+    from_pil = g.vary(Image.fromarray(ref), n=4, steps=3, seed=7, sampler="dpm")
+    assert all(np.array_equal(x, y) for x, y in zip(a, from_file)) and len(from_pil) == 4
+    two = g.vary([ref, picture((220, 30, 30))], n=2, steps=3, seed=7)  # reference-major, seeds continue
+    assert len(two) == 4 and np.array_equal(two[0], a[0]) and np.array_equal(two[1], a[1])
+    # the embedding is the similarity model's own: the Predictor's, for a picture already at the head's size
+    small = picture((30, 30, 220), "square", size=16)
+    via_predictor = g.head.embedder.embed_images(small)
+    assert torch.allclose(g.embed(small), via_predictor, atol=1e-5)
+    if importlib.util.find_spec("onnxruntime") is not None:  # the ONNX denoiser samples the same variations
+        o = zoo.Generator(g.model, backend="onnx").vary(ref, n=2, steps=3, seed=7)
+        assert max(int(np.abs(x.astype(int) - y).max()) for x, y in zip(a, o)) <= 2
+    text_only = zoo.Generator(zoo.create_model(tiny_spec()))
+    with pytest.raises(ValueError, match="vary needs a diffusion head trained with image conditioning.*image_cond"):
+        text_only.vary(ref)
+
+
+def test_training_with_image_condition_backpropagates() -> None:
+    """A training step through the head's loss: the projection gets gradients, the frozen similarity model none,
+    and it stays out of the parameters the optimiser sees and is shared (not copied) by the EMA copy."""
+    import copy
+
+    from zoo.tasks.base import build_optimizer
+
+    torch.manual_seed(0)
+    model = zoo.create_model(varied_spec(prob=1.0)).train()
+    head = model.heads["gen"]
+    sim = head.embedder.model
+    assert not sim.training and not any(p.requires_grad for p in sim.parameters())
+    images = (torch.rand(4, 3, 16, 16) - 0.5) / 0.5  # normalised with the spec's mean / std
+    batch = {"images": images, "targets": ["a red star"] * 4, "target_format": "captions"}
+    losses = head.loss(model(images), batch)
+    losses["loss_diffusion"].backward()
+    assert float(head.image_proj.weight.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in sim.parameters()) and not sim.training
+    opt = build_optimizer(model, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0})
+    seen = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not seen & {id(p) for p in sim.parameters()} and id(head.image_proj.weight) in seen
+    opt.step()
+    assert copy.deepcopy(model).heads["gen"].embedder is head.embedder
+    head.image_condition["prob"] = 0.0  # no image sample: the projection takes no part
+    head.zero_grad()
+    head.diffusion_loss(images, ["a red star"] * 4).backward()
+    assert head.image_proj.weight.grad is None or float(head.image_proj.weight.grad.abs().sum()) == 0
+
+
+def test_variation_follows_the_reference_colour() -> None:
+    """A short overfit on two red and two blue pictures, every sample conditioned on its image: the variations of
+    a red reference come out red and those of a blue one blue (same noise seeds for both)."""
+    torch.manual_seed(0)
+    spec = varied_spec(prob=1.0)
+    spec["heads"]["gen"]["cond_dropout"] = 0.0
+    model = zoo.create_model(spec)
+    head = model.heads["gen"]
+    red, blue = (220, 30, 30), (30, 30, 220)
+    pics = [picture(red, "disc"), picture(blue, "square"), picture(red, "square"), picture(blue, "disc")]
+    x = torch.stack([torch.from_numpy(p).permute(2, 0, 1).float() / 127.5 - 1 for p in pics])
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    idx = torch.arange(8) % 4
+    for _ in range(30):
+        loss = head.diffusion_loss(x[idx], [""] * 8)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    g = zoo.Generator(model.eval())
+
+    def redness(images: list[np.ndarray]) -> float:
+        return float(np.mean([im[..., 0].astype(float).mean() - im[..., 2].astype(float).mean() for im in images]))
+
+    r = redness(g.vary(picture(red, "disc", 40), n=3, steps=10, guidance=1.0, seed=0))
+    b = redness(g.vary(picture(blue, "disc", 40), n=3, steps=10, guidance=1.0, seed=0))
+    assert r > 30 and b < -30, (r, b)  # the references: +71 and -71
+
+
+# ------------------------------------------------------------------ ONNX denoiser
+def test_onnx_denoiser_matches_torch_and_drives_the_generator(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from zoo.generation.export import META_FILE, OnnxGeneration, export_denoiser
+
+    torch.manual_seed(0)
+    model = zoo.create_model(tiny_spec(16)).eval()
+    head = model.heads["gen"]
+    with torch.no_grad():  # a random UNet's output is ~0: make it matter
+        for p in head.unet.conv_out.parameters():
+            p.mul_(50.0)
+    folder = head.export_denoiser(tmp_path / "onnx")
+    meta = json.loads((folder / META_FILE).read_text())
+    assert set(meta["files"]) == {"denoiser", "text_encoder"} and meta["context_length"] == 16
+    onnx = OnnxGeneration(folder, head=head)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999, 500, 3])
+    ctx, mask = head.encode_text(["a red star", "", "two blue circles"], torch.device("cpu"))
+    with torch.no_grad():
+        want = head.denoise(x, t, ctx, mask)
+        ids, m = head.vocab.encode(["a red star", "", "two blue circles"])
+        want_ctx = head.text(ids, m)
+    got = onnx.denoise(x, t, ctx, mask)
+    assert float(want.abs().max()) > 10 and float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+    assert float((onnx.encode(ids, m) - want_ctx).abs().max()) < 1e-4
+    prompts = ["a red star", "a cross left of a square", ""]
+    a = zoo.Generator(model)(prompts, steps=5, seed=3, guidance=3.0)
+    b = zoo.Generator(model, backend="onnx", onnx_dir=folder)(prompts, steps=5, seed=3, guidance=3.0)
+    assert max(int(np.abs(x.astype(int) - y).max()) for x, y in zip(a, b)) <= 2
+    assert float(np.std(a[0])) > 20  # not a flat image: the comparison means something
+    c = zoo.Generator(model, backend="onnx")(prompts[:1], steps=5, seed=3, guidance=3.0, sampler="dpm")  # temp export
+    assert c[0].shape == (16, 16, 3)
+    with torch.no_grad():
+        head.unet.conv_out.bias.add_(1.0)  # other weights: the old export is refused
+    with pytest.raises(ValueError, match="exported from other weights"):
+        zoo.Generator(model, backend="onnx", onnx_dir=folder)
+    with pytest.raises(ValueError, match="backend"):
+        zoo.Generator(model, backend="tensorrt")
+    export_denoiser(model, folder, text_encoder=False)  # re-export: accepted again, text encoder stays in torch
+    g = zoo.Generator(model, backend="onnx", onnx_dir=folder)
+    assert not g.onnx.has_text_encoder and len(g(["a red star"], steps=2)) == 1

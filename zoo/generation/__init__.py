@@ -1,7 +1,10 @@
 """Text-to-image generation in the zoo: captions for COCO-style data, a pixel-space diffusion head
 (:mod:`zoo.heads.generation`, diffusers' UNet and schedulers), the :class:`Generator` that samples from it, and a
 GenEval-style evaluation graded by the zoo's own detectors (:mod:`zoo.generation.grading`), with FID / KID in the
-feature space of a zoo backbone (:mod:`zoo.generation.fid`).
+feature space of a zoo backbone (:mod:`zoo.generation.fid`). Image variations condition the head on the embedding of
+a frozen zoo similarity model (:mod:`zoo.generation.conditioning`, :meth:`Generator.vary`); the denoiser and text
+encoder export to ONNX and drive the same sampler under onnxruntime (:mod:`zoo.generation.export`,
+``Generator(model, backend="onnx")``).
 
 Importing this package is lean (torch, numpy, PIL); diffusers (``pip install -e ".[gen]"``) is imported when a
 diffusion head is built.
@@ -19,6 +22,9 @@ _LAZY = {
     "read_coco_captions": ("zoo.generation.captions", "read_coco_captions"),
     "prompt_set": ("zoo.generation.prompts", "prompt_set"),
     "Grader": ("zoo.generation.grading", "Grader"),
+    "ImageEmbedder": ("zoo.generation.conditioning", "ImageEmbedder"),
+    "OnnxGeneration": ("zoo.generation.export", "OnnxGeneration"),
+    "export_denoiser": ("zoo.generation.export", "export_denoiser"),
 }
 
 __all__ = sorted(_LAZY)

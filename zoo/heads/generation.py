@@ -10,7 +10,21 @@ Contract notes (how this head differs from the discriminative ones):
 - :meth:`postprocess` *generates*: one :class:`~zoo.generation.results.GeneratedImages` per input image, from the
   ``prompts`` option (one prompt, or one per image; default ``""``, unconditional), ``steps``, ``guidance``,
   ``seed`` and ``sampler`` (``ddim`` | ``dpm``). :class:`zoo.Generator` is the text-first way to call it;
-- not exportable to ONNX (the sampler loop is Python around the UNet).
+- not exportable through :func:`zoo.hub.export.export_onnx` (``exportable = False``: the sampler loop is Python
+  around the UNet). What is exported is one denoising call, ``(x_t, t, ctx, mask) -> prediction``, and the text
+  encoder, ``(ids, mask) -> ctx``, as two ONNX files (:meth:`export_denoiser`, :mod:`zoo.generation.export`);
+  ``zoo.Generator(model, backend="onnx")`` runs the same sampler loop with them under onnxruntime.
+
+Image variations (``image_condition: {model: <similarity bundle or registered name>, tokens: 4, prob: 0.5}``): a
+frozen zoo similarity model (:mod:`zoo.generation.conditioning`; not in the head's weights, its optimiser or its EMA
+copy; the spec records its reference, weights sha256 and embedding size, and building the head loads it again from
+that reference) embeds the training image, and with probability ``prob`` per sample a learned projection of that
+embedding (``Linear(D, tokens * text_dim)`` -> LayerNorm per token: ``tokens`` context tokens shaped like the text
+encoder's, mask all true) replaces the caption. Condition dropout still applies first (a dropped sample trains on the
+empty caption, the unconditional input of both kinds of guidance). :meth:`zoo.Generator.vary` samples from a
+reference picture's embedding. Contexts are padded to ``context_length = max(max_tokens, tokens)`` tokens. (With
+``only_cross_attention``, diffusers passes the context mask to each block's second attention only; its first one
+also attends to the padding tokens, in training and sampling alike, so a context always has that same length.)
 
 Training: ``DDPMScheduler`` noising (``num_train_timesteps``, ``beta_schedule``), ``prediction_type`` ``epsilon`` or
 ``v_prediction``, captions replaced by the empty caption with probability ``cond_dropout`` (classifier-free
@@ -32,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.generation.conditioning import FrozenRef, pad_context
 from zoo.heads.base import Head, register_head
 
 __all__ = ["DiffusionHead", "TextEncoder", "SAMPLERS"]
@@ -90,8 +105,11 @@ class DiffusionHead(Head):
         cond_dropout: probability of training on the empty caption (classifier-free guidance).
         pixel_mean, pixel_std: the normalisation of the batch images (the spec's mean / std), undone to ``[-1, 1]``.
         steps, guidance, sampler: sampling defaults.
+        image_condition: ``{model, tokens, prob}`` (optional ``head``; ``sha256`` and ``dim`` are filled in from the
+            model): train for image variations on the embeddings of that zoo similarity model (see the module docs).
 
-    Shapes: ``forward(features) -> (B,)`` placeholder; generated images ``(B, image_size, image_size, 3)`` uint8.
+    Shapes: ``forward(features) -> (B,)`` placeholder; generated images ``(B, image_size, image_size, 3)`` uint8;
+    contexts ``(B, context_length, text_dim)`` with masks ``(B, context_length)`` bool.
     """
 
     result_kind = "generation"
@@ -110,7 +128,7 @@ class DiffusionHead(Head):
                  num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
                  cond_dropout: float = 0.1, pixel_mean: Sequence[float] = (0.5, 0.5, 0.5),
                  pixel_std: Sequence[float] = (0.5, 0.5, 0.5), steps: int = 25, guidance: float = 4.0,
-                 sampler: str = "ddim") -> None:
+                 sampler: str = "ddim", image_condition: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         from zoo.generation.captions import Vocabulary
 
@@ -139,6 +157,23 @@ class DiffusionHead(Head):
         self.register_buffer("pixel_mean", torch.tensor([float(v) for v in pixel_mean]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([float(v) for v in pixel_std]).view(1, 3, 1, 1), persistent=False)
         self.defaults = {"steps": int(steps), "guidance": float(guidance), "sampler": str(sampler), "seed": 0}
+        self.image_condition: dict[str, Any] | None = None
+        self.image_proj: nn.Linear | None = None
+        self.image_norm: nn.LayerNorm | None = None
+        self._embedder: FrozenRef | None = None
+        self.context_length = self.vocab.max_tokens
+        if image_condition is not None:
+            from zoo.generation.conditioning import completed, image_condition_config, load_embedder
+
+            ic = image_condition_config(image_condition)
+            emb = load_embedder(ic)
+            self.image_condition = completed(ic, emb)
+            if isinstance(image_condition, dict):  # a ZooModel's spec (its own deep copy) records what was loaded
+                image_condition.update(self.image_condition)
+            self._embedder = FrozenRef(emb)
+            self.image_proj = nn.Linear(emb.dim, ic["tokens"] * int(text_dim))
+            self.image_norm = nn.LayerNorm(int(text_dim))
+            self.context_length = max(self.vocab.max_tokens, ic["tokens"])
 
     # ------------------------------------------------------------------ data binding
     @classmethod
@@ -159,6 +194,11 @@ class DiffusionHead(Head):
             else:
                 words = shapes_vocabulary(list(info.get("class_names") or []))
             kwargs["vocab"] = list(words)
+        if kwargs.get("image_condition") is not None:  # record the similarity model's digest and size in the spec
+            from zoo.generation.conditioning import completed, image_condition_config, load_embedder
+
+            ic = image_condition_config(kwargs["image_condition"])
+            kwargs["image_condition"] = completed(ic, load_embedder(ic))
         return None
 
     @classmethod
@@ -184,13 +224,48 @@ class DiffusionHead(Head):
                               align_corners=False)
         return x.clamp(-1.0, 1.0)
 
-    def encode_text(self, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, prompts: Sequence[str], device: torch.device, encoder: Any = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> ``(ctx (N, context_length, text_dim), mask (N, context_length))``; ``encoder`` replaces
+        :attr:`text` (an ``(ids, mask) -> ctx`` callable, e.g. the ONNX text encoder)."""
         ids, mask = self.vocab.encode(list(prompts))
         ids, mask = ids.to(device), mask.to(device)
-        return self.text(ids, mask), mask
+        return pad_context((encoder or self.text)(ids, mask), mask, self.context_length)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One UNet call: ``x_t (B, 3, S, S)``, ``t (B,)`` int64, ``ctx (B, L, text_dim)``, ``mask (B, L)`` bool ->
+        the prediction (noise or v) ``(B, 3, S, S)``."""
         return self.unet(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+
+    # ------------------------------------------------------------------ image conditioning
+    def _require_image_condition(self, what: str) -> None:
+        if self.image_proj is None:
+            name = self.name or self.default_name
+            raise ValueError(f"{what} needs a diffusion head trained with image conditioning, and head {name!r} has "
+                             f"none: train one with model.heads.{name}.image_condition="
+                             "{model: test_resnet.shapes_sim, tokens: 4, prob: 0.5} (a similarity bundle or registered "
+                             "name), or sample from text with zoo.Generator(model)(prompts)")
+
+    @property
+    def embedder(self):
+        """The frozen :class:`~zoo.generation.conditioning.ImageEmbedder` (image conditioning only)."""
+        self._require_image_condition("embedder")
+        return self._embedder.value  # type: ignore[union-attr]
+
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``(B, D)`` embeddings of the frozen similarity model (no gradient)."""
+        return self.embedder.embed(pixels)
+
+    def image_context(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, D)`` similarity embeddings -> ``(ctx (B, context_length, text_dim), mask (B, context_length))``:
+        ``tokens`` projected tokens (mask true), then zero padding (mask false)."""
+        self._require_image_condition("image_context")
+        b = embeddings.shape[0]
+        w = self.image_proj.weight  # type: ignore[union-attr]
+        tok = self.image_proj(embeddings.to(w.device, w.dtype)).view(b, int(self.image_condition["tokens"]), -1)
+        ctx = self.image_norm(tok)  # type: ignore[misc]
+        mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
+        return pad_context(ctx, mask, self.context_length)
 
     def diffusion_loss(self, images: torch.Tensor, captions: Sequence[str], *,
                        generator: torch.Generator | None = None, drop: bool = True) -> torch.Tensor:
@@ -204,11 +279,22 @@ class DiffusionHead(Head):
         t = (torch.randint(0, T, (b,), generator=generator) if generator is not None
              else torch.randint(0, T, (b,))).to(dev)
         caps = [str(c) for c in captions]
+        keep = torch.ones(b, dtype=torch.bool)
         if drop and self.training and self.cond_dropout > 0:
             keep = torch.rand(b, generator=generator) >= self.cond_dropout
             caps = [c if k else "" for c, k in zip(caps, keep.tolist())]
         xt = self.train_scheduler.add_noise(x0, noise, t)
         ctx, mask = self.encode_text(caps, dev)
+        if drop and self.training and self.image_condition is not None and self.image_condition["prob"] > 0:
+            # the caption of a kept sample is replaced by its own image's embedding with probability ``prob``
+            use = (torch.rand(b, generator=generator) < self.image_condition["prob"]) & keep
+            if bool(use.any()):
+                idx = use.nonzero().squeeze(1).to(dev)
+                ictx, imask = self.image_context(self.embed_pixels((x0[idx] + 1.0) * 0.5))
+                sel = use.to(dev)
+                ctx = torch.where(sel.view(b, 1, 1), ctx.new_zeros(ctx.shape).index_copy(0, idx, ictx.to(ctx.dtype)),
+                                  ctx)
+                mask = torch.where(sel.view(b, 1), mask.new_zeros(mask.shape).index_copy(0, idx, imask), mask)
         pred = self.denoise(xt, t, ctx, mask)
         target = noise if self.prediction_type == "epsilon" else self.train_scheduler.get_velocity(x0, noise, t)
         return F.mse_loss(pred.float(), target.float())
@@ -247,35 +333,69 @@ class DiffusionHead(Head):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, steps: int | None = None, guidance: float | None = None,
                  seed: int | None = None, sampler: str | None = None, seeds: Sequence[int] | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+                 device: torch.device | str | None = None, denoiser: Any = None, text_encoder: Any = None
+                 ) -> torch.Tensor:
         """Sample one image per prompt: ``(N, image_size, image_size, 3)`` uint8 (CPU). Image ``i`` starts from
-        noise seeded ``seeds[i]`` (default ``seed + i``), drawn on the CPU so any device gives the same start."""
+        noise seeded ``seeds[i]`` (default ``seed + i``), drawn on the CPU so any device gives the same start.
+        ``denoiser`` (a :meth:`denoise`-like callable) and ``text_encoder`` (``(ids, mask) -> ctx``) replace the
+        torch modules, e.g. by their ONNX exports (:mod:`zoo.generation.export`)."""
+        prompts = [str(p) for p in prompts]
+        if not prompts:
+            return torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8)
+        dev = torch.device(device) if device is not None else next(self.unet.parameters()).device
+        ctx, mask = self.encode_text(prompts, dev, text_encoder)
+        return self.sample(ctx, mask, steps=steps, guidance=guidance, seed=seed, sampler=sampler, seeds=seeds,
+                           device=dev, denoiser=denoiser, text_encoder=text_encoder)
+
+    @torch.no_grad()
+    def vary(self, embeddings: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,
+             seed: int | None = None, sampler: str | None = None, seeds: Sequence[int] | None = None,
+             device: torch.device | str | None = None, denoiser: Any = None, text_encoder: Any = None
+             ) -> torch.Tensor:
+        """Sample one image per row of ``embeddings`` ``(N, D)`` (the similarity model's, :meth:`embed_pixels`):
+        ``(N, image_size, image_size, 3)`` uint8, seeded as :meth:`generate`; guidance against the empty caption."""
+        self._require_image_condition("vary")
+        if embeddings.shape[0] == 0:
+            return torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8)
+        dev = torch.device(device) if device is not None else next(self.unet.parameters()).device
+        ctx, mask = self.image_context(embeddings.to(dev))
+        return self.sample(ctx, mask, steps=steps, guidance=guidance, seed=seed, sampler=sampler, seeds=seeds,
+                           device=dev, denoiser=denoiser, text_encoder=text_encoder)
+
+    @torch.no_grad()
+    def sample(self, ctx: torch.Tensor, mask: torch.Tensor, *, steps: int | None = None,
+               guidance: float | None = None, seed: int | None = None, sampler: str | None = None,
+               seeds: Sequence[int] | None = None, device: torch.device | str | None = None, denoiser: Any = None,
+               text_encoder: Any = None) -> torch.Tensor:
+        """The sampler loop on given conditions ``ctx (N, L, text_dim)`` / ``mask (N, L)``; with guidance the
+        unconditional rows (the empty caption) come first in each UNet batch. Returns ``(N, S, S, 3)`` uint8 (CPU)."""
         steps = int(steps if steps is not None else self.defaults["steps"])
         guidance = float(guidance if guidance is not None else self.defaults["guidance"])
         sampler = str(sampler or self.defaults["sampler"])
         seed = int(seed if seed is not None else self.defaults["seed"])
-        prompts = [str(p) for p in prompts]
-        n = len(prompts)
-        if n == 0:
-            return torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8)
+        n = int(ctx.shape[0])
         seeds = [int(s) for s in seeds] if seeds is not None else [seed + i for i in range(n)]
+        if len(seeds) != n:
+            raise ValueError(f"seeds: give one seed per image ({n}), got {len(seeds)}")
         dev = torch.device(device) if device is not None else next(self.unet.parameters()).device
         dtype = next(self.unet.parameters()).dtype
+        denoise = denoiser or self.denoise
         sched = self.make_sampler(sampler)
         sched.set_timesteps(steps, device=dev)
         S = self.image_size
         x = torch.stack([torch.randn(3, S, S, generator=torch.Generator().manual_seed(s)) for s in seeds])
         x = (x * sched.init_noise_sigma).to(dev, dtype)
-        ctx, mask = self.encode_text(prompts, dev)
+        ctx, mask = ctx.to(dev), mask.to(dev)
         cfg = guidance != 1.0
         if cfg:
-            uctx, umask = self.encode_text([""] * n, dev)
-            ctx, mask = torch.cat([uctx, ctx]), torch.cat([umask, mask])
+            uctx, umask = self.encode_text([""] * n, dev, text_encoder)
+            uctx, umask = pad_context(uctx, umask, ctx.shape[1])
+            ctx, mask = torch.cat([uctx.to(ctx.dtype), ctx]), torch.cat([umask, mask])
         ctx = ctx.to(dtype)
         for t in sched.timesteps:
             inp = torch.cat([x, x]) if cfg else x
             inp = sched.scale_model_input(inp, t)
-            out = self.denoise(inp, t.expand(inp.shape[0]).to(dev), ctx, mask)
+            out = denoise(inp, t.expand(inp.shape[0]).to(dev), ctx, mask)
             if cfg:
                 u, c = out.chunk(2)
                 out = u + guidance * (c - u)
@@ -313,7 +433,17 @@ class DiffusionHead(Head):
                 for i in range(n)]
 
     def export_description(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "prediction_type": self.prediction_type}
+        d: dict[str, Any] = {"image_size": self.image_size, "prediction_type": self.prediction_type}
+        if self.image_condition is not None:
+            d["image_condition"] = dict(self.image_condition)
+        return d
+
+    def export_denoiser(self, path: Any, **kwargs: Any):
+        """Write one denoising call and the text encoder as ONNX files into folder ``path``
+        (:func:`zoo.generation.export.export_denoiser`; ``kwargs``: ``opset``, ``text_encoder``). Returns the folder."""
+        from zoo.generation.export import export_denoiser
+
+        return export_denoiser(self, path, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
