@@ -519,6 +519,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=None, help="override every task's batch size")
     ap.add_argument("--sides", default="zoo,zoo_val_once,plain,memory,reference")
     ap.add_argument("--latency-repeats", type=int, default=30)
+    ap.add_argument("--zoo-overrides", nargs="*", default=[],
+                    help="extra train.py overrides for the zoo sides, e.g. model.resize=stretch (the plain loop's "
+                         "geometry: detection and segmentation default to the longest side, aspect kept)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -534,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if getattr(args, key):
                 s[key] = getattr(args, key)
         data_root = person_folder(work) if task == "cls" else coco_root(work)
-        ov = zoo_overrides(task, s, data_root, args.device)
+        ov = [*zoo_overrides(task, s, data_root, args.device), *args.zoo_overrides]
         rows: dict[str, list] = {k: [] for k in sides}
         runs: dict[str, Callable[[], dict]] = {
             "zoo": lambda: run_zoo(task, ov, work, "zoo"),

@@ -426,12 +426,7 @@ class CocoDataset(Dataset):
         sample: dict[str, Any] = {"encoded": data, "window": window, "flip": flip, "image_id": rec.image_id,
                                   "orig_size": (rec.height, rec.width), "size": info.size,
                                   "scale": (info.scale_y, info.scale_x)}
-        targets = {f: self._target(f, rec, boxes, labels, crowd, masks, sem, info) for f in self.formats}
-        if self.multi:
-            sample["targets"] = targets
-        else:
-            sample["target"] = targets[self.target]
-        return sample
+        return self._with_targets(sample, rec, boxes, labels, crowd, masks, sem, info)
 
     def make_sample(self, rec: ImageRecord, img: np.ndarray, *, reduction: int = 1) -> dict[str, Any]:
         """The sample of record ``rec`` from its decoded ``(H, W, 3)`` uint8 image (augmented when this dataset
@@ -469,6 +464,11 @@ class CocoDataset(Dataset):
         image = normalize(resize_image(img, info), self.mean, self.std)
         sample: dict[str, Any] = {"image": image, "image_id": rec.image_id, "orig_size": (rec.height, rec.width),
                                   "size": info.size, "scale": (info.scale_y / r, info.scale_x / r)}
+        return self._with_targets(sample, rec, boxes, labels, crowd, masks, sem, info)
+
+    def _with_targets(self, sample: dict[str, Any], rec: ImageRecord, boxes, labels, crowd, masks, sem,
+                      info: ResizeInfo) -> dict[str, Any]:
+        """``sample`` with the target of every format (``targets``) or of the one format (``target``)."""
         targets = {f: self._target(f, rec, boxes, labels, crowd, masks, sem, info) for f in self.formats}
         if self.multi:
             sample["targets"] = targets
