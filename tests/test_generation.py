@@ -527,3 +527,243 @@ def test_onnx_denoiser_matches_torch_and_drives_the_generator(tmp_path: Path) ->
     export_denoiser(model, folder, text_encoder=False)  # re-export: accepted again, text encoder stays in torch
     g = zoo.Generator(model, backend="onnx", onnx_dir=folder)
     assert not g.onnx.has_text_encoder and len(g(["a red star"], steps=2)) == 1
+
+
+# ------------------------------------------------------------------ the autoencoder (vae) and latent diffusion
+def vae_spec(size: int = 32, channels=(16, 32), **kw) -> dict:
+    return {"backbone": {"name": "test_resnet"}, "input_size": [size, size], "mean": [0.5] * 3, "std": [0.5] * 3,
+            "task": "multitask", "heads": {"vae": {"type": "vae", "input": "images", "channels": list(channels),
+                                                   "norm_groups": 8, **kw}}}
+
+
+def shape_pictures(n: int = 8, size: int = 32) -> torch.Tensor:
+    """``n`` embedded-dataset pictures of colour prompts, normalised with mean / std 0.5: ``(n, 3, size, size)``."""
+    from zoo.generation.prompts import Prompt
+
+    ps = [Prompt(f"a {c} {s}", "colors", ({"shape": s, "color": c, "count": None},))
+          for c in COLOR_NAMES for s in ("circle", "square", "star")]
+    return torch.stack([torch.from_numpy(render_prompt(ps[i % len(ps)], image_size=size, seed=i)).permute(2, 0, 1)
+                        .float() / 127.5 - 1 for i in range(n)])
+
+
+def _recon_mse(model, x: torch.Tensor) -> float:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        err = float(((model(x)["vae"]["recon"].clamp(-1, 1) - x) ** 2).mean())
+    model.train(was)
+    return err
+
+
+def _train_vae(model, x: torch.Tensor, steps: int, lr: float = 3e-3) -> list[float]:
+    head = model.heads["vae"]
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    batch = {"images": x, "targets": ["a picture"] * len(x), "target_format": "captions"}
+    losses = []
+    for _ in range(steps):
+        out = head.loss(model(x)["vae"], batch)
+        loss = sum(out.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(out["loss_recon"]))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> dict:
+    """A 2x VAE (32 px -> 4 x 16 x 16) trained 60 steps on 8 shape pictures, saved as a bundle."""
+    torch.manual_seed(0)
+    x = shape_pictures(8, 32)
+    model = zoo.create_model(vae_spec())
+    head = model.heads["vae"]
+    assert not head.scale_measured and head.scaling_factor == 1.0
+    before = _recon_mse(model, x)
+    losses = _train_vae(model, x, 60)
+    after = _recon_mse(model, x)
+    folder = save_bundle(tmp_path_factory.mktemp("vae") / "bundle", model.state_dict(), model_meta(model.spec))
+    return {"model": model.eval(), "x": x, "before": before, "after": after, "losses": losses, "bundle": folder}
+
+
+def test_vae_trains_and_its_reconstruction_error_falls(tiny_vae) -> None:
+    """60 steps on 8 pictures: the L1 loss falls, the reconstruction error of the posterior mean falls well below
+    an untrained VAE's, and the scaling factor was measured on the first batch (1 / std of its posterior means)."""
+    model, x = tiny_vae["model"], tiny_vae["x"]
+    head = model.heads["vae"]
+    losses = tiny_vae["losses"]
+    print(f"vae recon mse before {tiny_vae['before']:.4f} after {tiny_vae['after']:.4f}; l1 {losses[0]:.3f} -> "
+          f"{losses[-1]:.3f}; scaling factor {head.scaling_factor:.3f}")
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    assert tiny_vae["after"] < 0.35 * tiny_vae["before"], (tiny_vae["before"], tiny_vae["after"])
+    assert head.scale_measured and 0.0 < head.scaling_factor < 1e3
+    assert head.downsample == 2 and head.latent_channels == 4
+    with torch.no_grad():
+        z = head.encode(x)
+    assert z.shape == (8, 4, 16, 16)
+    assert "heads.vae.latent_scale" in model.state_dict()  # the measured factor travels with the weights
+    d = head.export_description()
+    assert d["scaling_factor"] == head.scaling_factor and d["downsample"] == 2 and d["latent_channels"] == 4
+    with pytest.raises(ValueError, match="recon_loss"):
+        zoo.create_model(vae_spec(recon_loss="huber"))
+
+
+def test_vae_bundle_round_trip(tiny_vae, tmp_path: Path) -> None:
+    """The bundle reloads with the same reconstructions and scaling factor; the Predictor returns them in original
+    pixels; the reconstruction exports to ONNX."""
+    from zoo.generation.results import Reconstruction
+
+    model = tiny_vae["model"]
+    loaded = zoo.load(tiny_vae["bundle"])
+    assert loaded.heads["vae"].scaling_factor == model.heads["vae"].scaling_factor
+    x = tiny_vae["x"][:3]
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["vae"]["recon"], model(x)["vae"]["recon"])
+    pic = ((tiny_vae["x"][0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    big = np.kron(pic, np.ones((2, 3, 1), np.uint8))  # 64 x 96: the result comes back at that size
+    got, want = zoo.Predictor(loaded)(big)[0], zoo.Predictor(model)(big)[0]
+    assert isinstance(got, Reconstruction) and got.image.shape == (64, 96, 3) and got.latent_shape == (4, 16, 16)
+    assert json.dumps(got.to_dict()) == json.dumps(want.to_dict())
+    small = zoo.Predictor(loaded)(pic)[0].image
+    assert float(np.abs(small.astype(float) - pic).mean()) < 40  # a reconstruction, not noise (~85)
+    ort = pytest.importorskip("onnxruntime")
+    from zoo.hub.export import export_onnx
+
+    path = export_onnx(loaded, tmp_path / "onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, loaded(x)["vae"]["recon"].numpy(), atol=1e-3)
+
+
+def latent_spec(vae: str, size: int = 32, **latent) -> dict:
+    spec = tiny_spec(size)
+    spec["heads"]["gen"]["latent"] = {"vae": str(vae), **latent}
+    return spec
+
+
+def test_latent_diffusion_generates_round_trips_and_refuses_a_missing_vae(tiny_vae, tmp_path: Path) -> None:
+    """A diffusion head on the tiny VAE's latents: the spec records the VAE; the UNet works on 4 x 16 x 16 latents,
+    the VAE is outside the weights, the optimiser and the EMA copy; a training step backpropagates; generation gives
+    32 px uint8 images, the same for a seed, other ones for another; a bundle reloads (loading the VAE again) and
+    samples the same images; a missing, changed or absent VAE is a clear error."""
+    import copy
+    import shutil
+
+    from zoo.heads.generation import DiffusionHead
+    from zoo.hub.bundle import BundleError
+    from zoo.tasks.base import build_optimizer
+    from zoo.hub.registry import resolve
+
+    vae_dir = Path(shutil.copytree(tiny_vae["bundle"], tmp_path / "vae"))
+    vae_sha = json.loads((vae_dir / "model.json").read_text())["weights"]["sha256"]
+    torch.manual_seed(0)
+    model = zoo.create_model(latent_spec(vae_dir))
+    head = model.heads["gen"]
+    lat = model.spec.heads["gen"]["latent"]
+    scale = tiny_vae["model"].heads["vae"].scaling_factor
+    assert lat == {"vae": str(vae_dir.resolve()), "head": "vae", "sha256": vae_sha, "scaling_factor": scale,
+                   "latent_channels": 4, "downsample": 2}
+    assert (head.sample_channels, head.sample_size) == (4, 16) and head.unet.config.in_channels == 4
+    assert head.unet.config.sample_size == 16 and head.export_description()["sample_shape"] == [4, 16, 16]
+    assert not [k for k in model.state_dict() if "vae" in k or "codec" in k]
+    vae_params = {id(p) for p in head.codec.model.parameters()}
+    opt = build_optimizer(model, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0})
+    assert not vae_params & {id(p) for g in opt.param_groups for p in g["params"]}
+    assert copy.deepcopy(model).heads["gen"].codec is head.codec
+    model.train()
+    x = tiny_vae["x"][:4]
+    loss = head.loss(model(x)["gen"], {"images": x, "targets": ["a red star"] * 4, "target_format": "captions"})
+    loss["loss_diffusion"].backward()
+    assert torch.isfinite(loss["loss_diffusion"]) and head.unet.conv_in.weight.grad.shape[1] == 4
+    assert all(p.grad is None for p in head.codec.model.parameters())
+    opt.step()
+    model.eval()
+    g = zoo.Generator(model)
+    prompts = ["a red star", "two blue circles", ""]
+    a = g(prompts, steps=3, seed=5)
+    assert len(a) == 3 and all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in a)
+    assert all(np.array_equal(u, v) for u, v in zip(a, g(prompts, steps=3, seed=5)))
+    assert not np.array_equal(a[0], g(prompts, steps=3, seed=6)[0])
+    assert len(g(prompts[:1], steps=3, seed=5, sampler="dpm", guidance=2.0)) == 1
+    # bind_data (the training path) records the VAE in the spec it stores
+    kwargs = {"vocab": ["a"], "latent": {"vae": str(vae_dir)}}
+    DiffusionHead.bind_data(kwargs, {"class_names": []})
+    assert kwargs["latent"]["sha256"] == vae_sha and kwargs["latent"]["scaling_factor"] == scale
+    # bundle round trip
+    folder = save_bundle(tmp_path / "bundle", model.state_dict(), model_meta(model.spec))
+    loaded = zoo.load(folder)
+    b = zoo.Generator(loaded)(prompts, steps=3, seed=5)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    # refusals: a changed VAE, a missing VAE, no VAE reference
+    bad = copy.deepcopy(model.spec.to_dict())
+    bad["heads"]["gen"]["latent"]["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="sha256"):
+        zoo.create_model(bad)
+    bad["heads"]["gen"]["latent"].update(sha256=vae_sha, scaling_factor=scale * 2)
+    with pytest.raises(ValueError, match="scaling_factor"):
+        zoo.create_model(bad)
+    shutil.rmtree(vae_dir)
+    with pytest.raises(BundleError, match=r"latent\.vae=.*vae.*cannot be loaded.*shapes_vae"):
+        zoo.load(folder)
+    with pytest.raises(ValueError, match=r"latent\.vae is required.*experiment=shapes_vae"):
+        zoo.create_model(latent_spec(""))
+    with pytest.raises(ValueError, match="unknown key"):
+        zoo.create_model(latent_spec(tiny_vae["bundle"], scale=1.0))
+    with pytest.raises(ValueError, match="no autoencoder head"):
+        zoo.create_model(latent_spec(resolve(SIM)))
+
+
+def test_latent_onnx_denoiser_matches_torch(tiny_vae, tmp_path: Path) -> None:
+    """The ONNX denoiser of a latent head works on latents and drives the Generator (the VAE decode in torch)."""
+    pytest.importorskip("onnxruntime")
+    from zoo.generation.export import META_FILE, OnnxGeneration
+
+    torch.manual_seed(0)
+    model = zoo.create_model(latent_spec(tiny_vae["bundle"])).eval()
+    head = model.heads["gen"]
+    with torch.no_grad():  # a random UNet's output is ~0: make it matter
+        for p in head.unet.conv_out.parameters():
+            p.mul_(50.0)
+    folder = head.export_denoiser(tmp_path / "onnx")
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["sample_shape"] == [4, 16, 16] and meta["latent"]["sha256"] == head.latent["sha256"]
+    onnx = OnnxGeneration(folder, head=head)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999, 20])
+    ctx, mask = head.encode_text(["a red star", ""], torch.device("cpu"))
+    with torch.no_grad():
+        want = head.denoise(x, t, ctx, mask)
+    got = onnx.denoise(x, t, ctx, mask)
+    assert float(want.abs().max()) > 10 and float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+    prompts = ["a red star", ""]
+    a = zoo.Generator(model)(prompts, steps=4, seed=3, guidance=3.0)
+    b = zoo.Generator(model, backend="onnx", onnx_dir=folder)(prompts, steps=4, seed=3, guidance=3.0)
+    assert a[0].shape == (32, 32, 3) and max(int(np.abs(u.astype(int) - v).max()) for u, v in zip(a, b)) <= 2
+
+
+def test_shapes_vae_then_latent_t2i_experiments_train_and_load(tmp_path: Path) -> None:
+    """The two experiments as the latent one's comment says to run them, shrunk to a few steps: the VAE run's
+    bundle, passed as model.heads.gen.latent.vae=<run>/bundle, trains a latent diffusion run whose bundle loads and
+    generates 64 px images; without the override the run stops saying how to train the VAE."""
+    from tests.conftest import FAST, compose
+    from zoo.config import ConfigError
+    from zoo.training import train
+
+    small = [*FAST, "data.shapes.num_train=32", "data.shapes.num_val=8", "trainer.max_epochs=1",
+             "trainer.check_val_every_n_epoch=1", "scheduler.warmup_epochs=0"]
+    vae = train(compose("train", ["experiment=shapes_vae", *small, "callbacks.visualize=2"],
+                        output_dir=tmp_path / "vae"))
+    assert any(k.endswith("psnr") for k in vae["metrics"]) and any(k.endswith("recon_mse") for k in vae["metrics"]), \
+        vae["metrics"]
+    assert zoo.load(vae["bundle"]).heads["vae"].scale_measured
+    assert list((tmp_path / "vae" / "visualizations").glob("*.png"))
+    latent = ["experiment=shapes_t2i_latent", *small, "model.heads.gen.channels=[16,32]", "model.heads.gen.steps=2"]
+    with pytest.raises(ConfigError, match=r"latent\.vae is required.*shapes_vae"):
+        train(compose("train", latent, output_dir=tmp_path / "none"))
+    run = train(compose("train", [*latent, f"model.heads.gen.latent.vae={vae['bundle']}"],
+                        output_dir=tmp_path / "t2i"))
+    g = zoo.load(run["bundle"])
+    assert g.spec.heads["gen"]["latent"]["vae"] == str(Path(vae["bundle"]).resolve())
+    imgs = zoo.Generator(g)(["a red star"], steps=2, seed=0)
+    assert imgs[0].shape == (64, 64, 3) and imgs[0].dtype == np.uint8

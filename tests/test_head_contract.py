@@ -23,7 +23,7 @@ from zoo.hub.api import model_meta
 from zoo.hub.bundle import save_bundle
 from zoo.models import create_model
 from zoo.preprocess import ResizeInfo
-from zoo.generation.results import GeneratedImages
+from zoo.generation.results import GeneratedImages, Reconstruction
 from zoo.results import Classification, Detections, Embedding, InstanceSegmentation, SemanticSegmentation
 
 CLASSES = ["circle", "square", "star"]
@@ -37,12 +37,14 @@ LIGHT = {
     "semantic_fpn": {"channels": 16}, "upernet": {"channels": 16}, "deeplabv3plus": {"channels": 16},
     "embedding": {"embedding_dim": 16},
     "diffusion": {"channels": [16, 32], "text_dim": 32, "text_layers": 1, "max_tokens": 8, "steps": 2},
+    "vae": {"channels": [16, 32], "norm_groups": 8},
 }
 #: Input side the export traces at, where 64 px does not suit the head (UPerNet's pyramid pooling to 1, 2, 3, 6
 #: cells exports only when the stride-32 map divides by them: 192 px).
 EXPORT_SIDE = {"upernet": 192}
 RESULT_TYPES = {"classification": Classification, "detection": Detections, "instance": InstanceSegmentation,
-                "semantic": SemanticSegmentation, "embedding": Embedding, "generation": GeneratedImages}
+                "semantic": SemanticSegmentation, "embedding": Embedding, "generation": GeneratedImages,
+                "reconstruction": Reconstruction}
 
 
 def spec_for(head_type: str) -> dict:
@@ -51,7 +53,8 @@ def spec_for(head_type: str) -> dict:
     names = cls.bind_data(kwargs, {"class_names": CLASSES, "has_background": True})
     side = EXPORT_SIDE.get(head_type, SIZE)
     spec = {"backbone": {"name": "test_resnet"}, "input_size": [side, side], "resize": "stretch", "task": "multitask",
-            "heads": {"h": {"type": head_type, "input": "fpn" if cls.neck else "backbone", **kwargs}},
+            "heads": {"h": {"type": head_type, "input": "fpn" if cls.neck else (cls.default_input or "backbone"),
+                              **kwargs}},
             # 64 FPN channels: GroupNorm(32) then sees 2 values per group even on the 1x1 P7 of a 64 px image
             "necks": {"fpn": {"type": "fpn", "out_channels": 64}} if cls.neck else {},
             "class_names": {"h": names} if names else {}, "extra": {"category_ids": {"h": [3, 7, 9]}}}

@@ -15,7 +15,9 @@ from zoo.training import train
 
 #: The learning run: the default experiment, shortened (600 steps of 32 images at 64 px).
 RUN = ["data.shapes.num_train=1600", "data.shapes.num_val=400", "trainer.max_epochs=12"]
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+#: Every experiment but the latent text-to-image one, which needs the autoencoder another experiment trains first:
+#: tests/test_generation.py::test_shapes_vae_then_latent_t2i_experiments_train_and_load runs that pair.
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem != "shapes_t2i_latent")
 
 
 def _needs_coco(name: str) -> bool:

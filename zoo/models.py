@@ -26,8 +26,10 @@ class ModelSpec:
     Attributes:
         backbone: keyword arguments of :class:`TimmBackbone` (``name`` required). Weight-loading keys
             (``pretrained``, ``weights``) are dropped when rebuilding from a checkpoint.
-        heads: ``{head_name: {"type": <registered head type>, "input": "backbone" | <neck name>, **head kwargs}}``
-            (``zoo.heads.list_heads()``); only registered classes can be built, whatever a spec says.
+        heads: ``{head_name: {"type": <registered head type>, "input": "backbone" | "images" | <neck name>,
+            **head kwargs}}`` (``zoo.heads.list_heads()``); only registered classes can be built, whatever a spec says.
+            ``"images"`` gives the head the normalised input batch itself as its one feature map, ``[(B, 3, H, W)]``
+            (the autoencoder head: it needs pixels, not backbone features).
         necks: ``{neck_name: {"type": <registered neck type>, **kwargs}}``; a neck reads the backbone levels.
         class_names: ``{head_name: [names...]}`` for heads that predict classes.
         input_size: ``[height, width]`` the model was trained at.
@@ -85,7 +87,7 @@ class ZooModel(nn.Module):
             bb_kwargs.pop("weights", None)
         self.backbone = TimmBackbone(**bb_kwargs)
         self.necks = nn.ModuleDict()
-        shapes = {"backbone": (list(self.backbone.channels), list(self.backbone.strides))}
+        shapes = {"backbone": (list(self.backbone.channels), list(self.backbone.strides)), "images": ([3], [1])}
         for name, cfg in spec.necks.items():
             cfg = dict(cfg)
             cls = neck_class(cfg.pop("type"))
@@ -100,7 +102,8 @@ class ZooModel(nn.Module):
             typ = cfg.pop("type")
             src = cfg.pop("input", "backbone")
             if src not in shapes:
-                raise ValueError(f"head {name!r} reads input {src!r}, which is neither 'backbone' nor a neck {sorted(spec.necks)}")
+                raise ValueError(f"head {name!r} reads input {src!r}, which is neither 'backbone', 'images' nor a neck "
+                                 f"{sorted(spec.necks)}")
             channels, strides = shapes[src]
             cls = head_class(typ)
             check_head_kwargs(cls, cfg, f"heads.{name}")
@@ -112,8 +115,9 @@ class ZooModel(nn.Module):
             self.head_inputs[name] = src
 
     def features(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """Backbone levels and every neck's levels, keyed ``"backbone"`` and by neck name."""
-        feats = {"backbone": self.backbone(images)}
+        """Backbone levels and every neck's levels, keyed ``"backbone"`` and by neck name, and the input itself,
+        ``"images"`` (``[images]``)."""
+        feats = {"backbone": self.backbone(images), "images": [images]}
         for name, neck in self.necks.items():
             feats[name] = neck(feats["backbone"])
         return feats
@@ -124,8 +128,10 @@ class ZooModel(nn.Module):
             heads: run only these heads (default: all).
         Returns: ``{head_name: raw head output}``.
         """
-        feats = self.features(images)
         names = heads if heads is not None else list(self.heads)
+        if names and all(self.head_inputs[n] == "images" for n in names):  # no backbone pass for pixel heads only
+            return {n: self.heads[n]([images]) for n in names}
+        feats = self.features(images)
         return {n: self.heads[n](feats[self.head_inputs[n]]) for n in names}
 
 

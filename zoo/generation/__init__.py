@@ -4,7 +4,8 @@ GenEval-style evaluation graded by the zoo's own detectors (:mod:`zoo.generation
 feature space of a zoo backbone (:mod:`zoo.generation.fid`). Image variations condition the head on the embedding of
 a frozen zoo similarity model (:mod:`zoo.generation.conditioning`, :meth:`Generator.vary`); the denoiser and text
 encoder export to ONNX and drive the same sampler under onnxruntime (:mod:`zoo.generation.export`,
-``Generator(model, backend="onnx")``).
+``Generator(model, backend="onnx")``). Latent diffusion: a diffusion head with ``latent: {vae: <bundle>}`` denoises
+the latents of a frozen zoo autoencoder (the ``vae`` head, :mod:`zoo.heads.autoencoder`; :mod:`zoo.generation.latent`).
 
 Importing this package is lean (torch, numpy, PIL); diffusers (``pip install -e ".[gen]"``) is imported when a
 diffusion head is built.
@@ -17,6 +18,8 @@ from zoo._lazy import lazy_getattr
 _LAZY = {
     "Generator": ("zoo.generation.sampler", "Generator"),
     "GeneratedImages": ("zoo.generation.results", "GeneratedImages"),
+    "Reconstruction": ("zoo.generation.results", "Reconstruction"),
+    "LatentCodec": ("zoo.generation.latent", "LatentCodec"),
     "Vocabulary": ("zoo.generation.captions", "Vocabulary"),
     "caption_for_objects": ("zoo.generation.captions", "caption_for_objects"),
     "read_coco_captions": ("zoo.generation.captions", "read_coco_captions"),

@@ -10,7 +10,10 @@ encoder, ``text_encoder.onnx``: ``ids (B, max_tokens) int64, mask (B, max_tokens
 dynamic. ``generation.json`` beside them records the files' sha256s, the vocabulary, the sampler settings and a
 digest of the UNet and text-encoder weights they were exported from (:func:`weights_digest`), so that a folder
 exported from other weights is refused instead of silently giving other images. Image-variation conditioning
-(the projection of a similarity embedding) stays in torch: it runs once per call, not once per step.
+(the projection of a similarity embedding) stays in torch: it runs once per call, not once per step. For a latent
+diffusion head (``latent: {vae: ...}``) the denoiser works on the scaled VAE latents, ``x_t (B, latent_channels, s, s)``
+(``sample_shape`` in ``generation.json``, which also records the autoencoder's reference and sha256); the VAE decode of
+the final latents stays in torch (it runs once per call): only the denoiser and the text encoder are ONNX.
 
 onnx and onnxruntime are imported on demand (``pip install -e ".[export]"``).
 """
@@ -116,7 +119,8 @@ def export_denoiser(model: Any, path: str | os.PathLike[str], *, head: str | Non
     folder.mkdir(parents=True, exist_ok=True)
     dev = next(h.unet.parameters()).device
     S, L = h.image_size, h.context_length
-    x = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0)).to(dev)
+    C, s = int(h.sample_channels), int(h.sample_size)  # pixel space: 3, S; latent space: the latents' shape
+    x = torch.randn(2, C, s, s, generator=torch.Generator().manual_seed(0)).to(dev)
     t = torch.tensor([999, 500], dtype=torch.long, device=dev)
     ids, tmask = h.vocab.encode(["a red star", ""])
     ids, tmask = ids.to(dev), tmask.to(dev)
@@ -167,15 +171,18 @@ def export_denoiser(model: Any, path: str | os.PathLike[str], *, head: str | Non
         "format": FORMAT, "version": 1, "head": h.name or h.default_name, "opset": int(opset),
         "weights_sha256": weights_digest(h),
         "files": {k: {"file": f.name, "sha256": _sha256_file(f), "bytes": f.stat().st_size} for k, f in files.items()},
-        "image_size": S, "text_dim": int(ctx.shape[-1]), "context_length": L, "max_tokens": h.vocab.max_tokens,
+        "image_size": S, "sample_shape": [C, s, s], "latent": dict(h.latent) if h.latent is not None else None,
+        "text_dim": int(ctx.shape[-1]), "context_length": L, "max_tokens": h.vocab.max_tokens,
         "prediction_type": h.prediction_type, "train_scheduler": sched, "defaults": dict(h.defaults),
         "vocab": list(h.vocab.words),
-        "inputs": {"denoiser": ["x_t (batch, 3, S, S) float32, in [-1, 1] scale", "t (batch,) int64 timesteps",
+        "inputs": {"denoiser": [f"x_t (batch, {C}, {s}, {s}) float32, "
+                                + ("scaled VAE latents (decode them with the VAE in torch)" if h.latent is not None
+                                   else "in [-1, 1] scale"), "t (batch,) int64 timesteps",
                                 f"ctx (batch, tokens, {int(ctx.shape[-1])}) float32 (the sampler pads to "
                                 f"{L} tokens)", "mask (batch, tokens) bool, true for real tokens"],
                    "text_encoder": [f"ids (batch, {h.vocab.max_tokens}) int64 from the vocab (0 pad, 1 bos, 2 unk)",
                                     "mask (batch, max_tokens) bool = ids != 0"]},
-        "outputs": {"denoiser": f"prediction (batch, 3, S, S) float32: {h.prediction_type}",
+        "outputs": {"denoiser": f"prediction (batch, {C}, {s}, {s}) float32: {h.prediction_type}",
                     "text_encoder": "ctx (batch, max_tokens, text_dim) float32"},
         "torch": torch.__version__,
     }
@@ -222,6 +229,11 @@ class OnnxGeneration:
                                  f"{self.meta['weights_sha256'][:12]}..., this model's {digest[:12]}...): re-export "
                                  "it with export_denoiser(model, folder), or give an empty or new onnx_dir (the "
                                  "Generator exports into it)")
+            lat = (self.meta.get("latent") or {}).get("sha256")
+            want = (getattr(head, "latent", None) or {}).get("sha256")
+            if lat != want:
+                raise ValueError(f"onnx_dir={str(self.folder)!r} was exported for latents of the autoencoder {lat!r}, "
+                                 f"this head decodes with {want!r}: re-export it with export_denoiser(model, folder)")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads or torch.get_num_threads())
         opts.inter_op_num_threads = 1

@@ -1,4 +1,5 @@
-"""``GeneratedImages``: the typed result of a generation head (one generated picture and how it was made).
+"""``GeneratedImages``: the typed result of a generation head (one generated picture and how it was made), and
+``Reconstruction``, that of the autoencoder head (a picture encoded and decoded).
 
 Only numpy, torch and PIL are imported (serving path)."""
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GeneratedImages"]
+__all__ = ["GeneratedImages", "Reconstruction"]
 
 
 @dataclass(eq=False)
@@ -64,6 +65,61 @@ class GeneratedImages:
 
     def save(self, path: str | Path, image: Any = None) -> Path:
         """``.json``: :meth:`to_dict`; a picture suffix: the picture. Returns the path."""
+        p = Path(path).expanduser()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix.lower() == ".json":
+            p.write_text(json.dumps(self.to_dict()), encoding="utf-8")
+        else:
+            from PIL import Image
+
+            Image.fromarray(self.image).save(p)
+        return p
+
+
+@dataclass(eq=False)
+class Reconstruction:
+    """One autoencoder reconstruction (the ``vae`` head, :mod:`zoo.heads.autoencoder`).
+
+    Attributes:
+        image: ``(H, W, 3)`` uint8 RGB array, the input picture encoded and decoded, in original pixels.
+        latent_shape: ``(C, h, w)`` of the latent the picture was encoded to (before any resizing back).
+    """
+
+    image: np.ndarray
+    latent_shape: tuple[int, int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+    def png(self) -> bytes:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(self.image)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: ``size`` ``[H, W]``, ``latent_shape``, ``sha256`` of the pixels and ``png_base64``."""
+        return {"type": "reconstruction", "size": list(self.size), "latent_shape": [int(v) for v in self.latent_shape],
+                "sha256": hashlib.sha256(np.ascontiguousarray(self.image).tobytes()).hexdigest(),
+                "png_base64": base64.b64encode(self.png()).decode("ascii")}
+
+    def plot(self, image: Any = None, *, pil: bool = False) -> Any:
+        """The reconstruction beside ``image`` (the input, ``(H, W, 3)`` uint8) when given, else alone."""
+        out = self.image
+        if image is not None:
+            ref = np.asarray(image)
+            if ref.shape == out.shape:
+                out = np.concatenate([ref, out], axis=1)
+        if pil:
+            from PIL import Image
+
+            return Image.fromarray(out)
+        return out
+
+    def save(self, path: str | Path, image: Any = None) -> Path:
+        """``.json``: :meth:`to_dict`; a picture suffix: the reconstruction. Returns the path."""
         p = Path(path).expanduser()
         p.parent.mkdir(parents=True, exist_ok=True)
         if p.suffix.lower() == ".json":

@@ -16,6 +16,9 @@ the generation model's training resolution exactly as its training images were (
 head's projection only ever saw embeddings of ``image_size`` pictures, and a 512 px reference embedded at full
 resolution would give it embeddings it never saw.
 
+A latent diffusion head (``latent: {vae: ...}``) samples latents and decodes them with its frozen VAE: the calls are the
+same, and so are the seeds (the start noise has the latents' shape).
+
 ``backend="onnx"`` runs the same sampler loop with the UNet call and the text encoder exported to ONNX
 (:mod:`zoo.generation.export`) under onnxruntime: ``onnx_dir`` holds the export (written there when the folder has
 none; a folder exported from other weights is refused); without ``onnx_dir`` the export goes to a temporary folder.

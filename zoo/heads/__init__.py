@@ -7,7 +7,7 @@ from zoo.heads.base import (
 )
 from zoo.heads import classification, embedding, necks  # noqa: F401  (registration)
 from zoo.heads import detection, instance, segmentation  # noqa: F401  (registration)
-from zoo.heads import generation  # noqa: F401  (registration; diffusers is imported only when the head is built)
+from zoo.heads import autoencoder, generation  # noqa: F401  (registration; diffusers is imported only when a head is built)
 
 __all__ = ["Head", "Neck", "register_head", "register_neck", "head_class", "neck_class", "list_heads", "list_necks",
            "describe_heads"]

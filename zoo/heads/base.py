@@ -19,11 +19,14 @@ head instead of keeping tables:
 
 =================== ============================================================================================
 ``result_kind``     what :meth:`postprocess` returns: ``classification``, ``detection``, ``instance``,
-                    ``semantic`` or ``embedding`` (chooses the evaluator and the visualisation)
+                    ``semantic``, ``embedding``, ``generation`` or ``reconstruction`` (chooses the evaluator and the
+                    visualisation)
 ``target_format``   the targets its loss needs from the data (``classification``, ``multilabel``, ``detection``,
                     ``instance``, ``semantic``, ``similarity``); ``accepts`` lists every format it can train on
 ``default_name``    its key in ``ModelSpec.heads`` when it is a model's only head (``cls``, ``det``, ...)
 ``neck``            the neck it reads by default (``"fpn"``) or ``None`` for the backbone's levels
+``default_input``   ``"images"`` for a head that reads the normalised input pictures themselves (``[(B, 3, H, W)]``)
+                    instead of features (the autoencoder); ``None``: the neck or the backbone
 ``feature_levels``  which of those levels it uses (``"coarsest"``, ``"all"``, ``"strides 4-32"``, ...)
 ``exportable``      whether :meth:`export_outputs` traces to ONNX / TorchScript
 ``options``         the post-processing options :meth:`postprocess` takes (score_thresh, top_k, ...)
@@ -62,7 +65,7 @@ __all__ = [
 ]
 
 #: What a head's ``postprocess`` can return.
-RESULT_KINDS = ("classification", "detection", "instance", "semantic", "embedding", "generation")
+RESULT_KINDS = ("classification", "detection", "instance", "semantic", "embedding", "generation", "reconstruction")
 #: Target formats the data layer produces (``zoo.data``): one per kind of supervision.
 TARGET_FORMATS = ("classification", "multilabel", "detection", "instance", "semantic", "similarity", "captions")
 #: Keys every head's config may carry besides its constructor arguments (they configure training, not the model):
@@ -90,6 +93,7 @@ class Head(nn.Module):
     accepts: ClassVar[tuple[str, ...]] = ()
     default_name: ClassVar[str] = "head"
     neck: ClassVar[str | None] = None
+    default_input: ClassVar[str | None] = None
     feature_levels: ClassVar[str] = ""
     exportable: ClassVar[bool] = True
     options: ClassVar[tuple[str, ...]] = ()

@@ -1,5 +1,5 @@
-"""Text-to-image generation head: a pixel-space diffusion model (diffusers' ``UNet2DConditionModel``) conditioned
-on a small transformer text encoder trained with it.
+"""Text-to-image generation head: a pixel- or latent-space diffusion model (diffusers' ``UNet2DConditionModel``)
+conditioned on a small transformer text encoder trained with it.
 
 Contract notes (how this head differs from the discriminative ones):
 
@@ -33,6 +33,19 @@ scheduler's config (trailing timesteps, the predicted image clipped to ``[-1, 1]
 ``uncond + g * (cond - uncond)``; image ``i`` starts from noise seeded ``seed + i``, so results do not depend on
 batching. EMA is the training task's ``model.ema``.
 
+Latent diffusion (``latent: {vae: <VAE bundle folder, .ckpt or registered name>}``; :mod:`zoo.generation.latent`):
+a frozen zoo autoencoder (the ``vae`` head, :mod:`zoo.heads.autoencoder`, held like the similarity model of image
+conditioning: not in the weights, the optimiser or the EMA copy; the spec records its reference, weights sha256,
+scaling factor, latent channels and downsampling, and building the head loads it again and refuses a missing or
+changed one) encodes the training images to latents, the posterior mean times the VAE's scaling factor (about unit
+variance). The UNet then works on ``(latent_channels, image_size / downsample, image_size / downsample)`` latents
+(``sample_channels``, ``sample_size``), sampling starts from noise of that shape (seeded as in pixel space) and the
+final latents are decoded to ``image_size`` pixels. The predicted clean sample is clipped to ``[-4, 4]`` instead of
+``[-1, 1]`` (``LATENT_CLIP``: scaled latents are not bounded by 1) by DDIM; DPM-Solver++ does not clip latents (its
+thresholding would rescale them into ``[-1, 1]``), which v-prediction (unit gain) tolerates. Guidance, seeds,
+``vary``, ``zoo.Generator``, bundles and the ONNX denoiser work unchanged in latent space; the ONNX export holds the
+denoiser (on latents) and the text encoder only: the VAE decode stays in torch (:mod:`zoo.generation.export`).
+
 diffusers is an optional extra (``pip install -e ".[gen]"``): it is imported when the head is built, so the
 registry and the discriminative serving path never import it.
 """
@@ -52,6 +65,8 @@ from zoo.heads.base import Head, register_head
 __all__ = ["DiffusionHead", "TextEncoder", "SAMPLERS"]
 
 SAMPLERS = ("ddim", "dpm")
+#: Range the samplers clip a latent diffusion model's predicted clean latents to (scaled latents have unit std).
+LATENT_CLIP = 4.0
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -107,9 +122,12 @@ class DiffusionHead(Head):
         steps, guidance, sampler: sampling defaults.
         image_condition: ``{model, tokens, prob}`` (optional ``head``; ``sha256`` and ``dim`` are filled in from the
             model): train for image variations on the embeddings of that zoo similarity model (see the module docs).
+        latent: ``{vae}`` (optional ``head``; ``sha256``, ``scaling_factor``, ``latent_channels`` and ``downsample``
+            are filled in from the autoencoder): diffuse in the latent space of that frozen zoo VAE (module docs).
 
     Shapes: ``forward(features) -> (B,)`` placeholder; generated images ``(B, image_size, image_size, 3)`` uint8;
-    contexts ``(B, context_length, text_dim)`` with masks ``(B, context_length)`` bool.
+    UNet samples ``(B, sample_channels, sample_size, sample_size)`` (pixel space: ``3, image_size``; latent space:
+    ``latent_channels, image_size / downsample``); contexts ``(B, context_length, text_dim)`` with masks ``(B, context_length)`` bool.
     """
 
     result_kind = "generation"
@@ -128,7 +146,8 @@ class DiffusionHead(Head):
                  num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
                  cond_dropout: float = 0.1, pixel_mean: Sequence[float] = (0.5, 0.5, 0.5),
                  pixel_std: Sequence[float] = (0.5, 0.5, 0.5), steps: int = 25, guidance: float = 4.0,
-                 sampler: str = "ddim", image_condition: Mapping[str, Any] | None = None) -> None:
+                 sampler: str = "ddim", image_condition: Mapping[str, Any] | None = None,
+                 latent: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         from zoo.generation.captions import Vocabulary
 
@@ -139,11 +158,28 @@ class DiffusionHead(Head):
         UNet, DDPM, _, _ = _diffusers()
         self.vocab = Vocabulary(list(vocab), int(max_tokens))
         self.image_size = int(image_size)
+        self.latent: dict[str, Any] | None = None
+        self._codec: FrozenRef | None = None
+        self.sample_channels, self.sample_size = 3, self.image_size
+        if latent is not None:
+            from zoo.generation.latent import completed_latent, latent_config, load_codec
+
+            lc = latent_config(latent)
+            codec = load_codec(lc)
+            if self.image_size % codec.downsample:
+                raise ValueError(f"diffusion: image_size={self.image_size} is not a multiple of the autoencoder's "
+                                 f"downsampling {codec.downsample} (latent.vae={lc['vae']!r})")
+            self.latent = completed_latent(lc, codec)
+            if isinstance(latent, dict):  # a ZooModel's spec (its own deep copy) records what was loaded
+                latent.update(self.latent)
+            self._codec = FrozenRef(codec)
+            self.sample_channels, self.sample_size = codec.latent_channels, self.image_size // codec.downsample
         chans = [int(c) for c in channels]
         n = len(chans)
         a = max(1, min(int(attention_levels), n - 1)) if n > 1 else 0
         self.unet = UNet(
-            sample_size=self.image_size, in_channels=3, out_channels=3, block_out_channels=tuple(chans),
+            sample_size=self.sample_size, in_channels=self.sample_channels, out_channels=self.sample_channels,
+            block_out_channels=tuple(chans),
             down_block_types=("DownBlock2D",) * (n - a) + ("CrossAttnDownBlock2D",) * a,
             up_block_types=("CrossAttnUpBlock2D",) * a + ("UpBlock2D",) * (n - a),
             only_cross_attention=bool(only_cross_attention),
@@ -151,7 +187,8 @@ class DiffusionHead(Head):
             attention_head_dim=int(attention_head_dim), norm_num_groups=int(norm_groups))
         self.text = TextEncoder(len(self.vocab), int(text_dim), int(text_layers), int(text_heads), int(max_tokens))
         self.train_scheduler = DDPM(num_train_timesteps=int(num_train_timesteps), beta_schedule=beta_schedule,
-                                    prediction_type=prediction_type, clip_sample=True)
+                                    prediction_type=prediction_type, clip_sample=True,
+                                    clip_sample_range=LATENT_CLIP if self.latent is not None else 1.0)
         self.prediction_type = prediction_type
         self.cond_dropout = float(cond_dropout)
         self.register_buffer("pixel_mean", torch.tensor([float(v) for v in pixel_mean]).view(1, 3, 1, 1), persistent=False)
@@ -199,6 +236,11 @@ class DiffusionHead(Head):
 
             ic = image_condition_config(kwargs["image_condition"])
             kwargs["image_condition"] = completed(ic, load_embedder(ic))
+        if kwargs.get("latent") is not None:  # record the autoencoder's digest, scale and latent geometry in the spec
+            from zoo.generation.latent import completed_latent, latent_config, load_codec
+
+            lc = latent_config(kwargs["latent"])
+            kwargs["latent"] = completed_latent(lc, load_codec(lc))
         return None
 
     @classmethod
@@ -232,9 +274,28 @@ class DiffusionHead(Head):
         ids, mask = ids.to(device), mask.to(device)
         return pad_context((encoder or self.text)(ids, mask), mask, self.context_length)
 
+    # ------------------------------------------------------------------ latent space
+    @property
+    def codec(self):
+        """The frozen :class:`~zoo.generation.latent.LatentCodec` (latent diffusion only)."""
+        if self._codec is None:
+            raise ValueError(f"head {self.name or self.default_name!r} diffuses in pixel space: it has no autoencoder "
+                             "(train one with latent: {vae: <VAE bundle>})")
+        return self._codec.value
+
+    def to_samples(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[-1, 1]`` pixels -> what the UNet denoises: the pixels themselves, or the scaled latents (no gradient)."""
+        return pixels if self._codec is None else self.codec.encode(pixels).to(pixels.dtype)
+
+    def from_samples(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's final ``(N, sample_channels, sample_size, sample_size)`` -> ``[-1, 1]`` pixels (float32)."""
+        if self._codec is None:
+            return x.float().clamp(-1, 1)
+        return self.codec.decode(x.float())
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One UNet call: ``x_t (B, 3, S, S)``, ``t (B,)`` int64, ``ctx (B, L, text_dim)``, ``mask (B, L)`` bool ->
-        the prediction (noise or v) ``(B, 3, S, S)``."""
+        """One UNet call: ``x_t (B, C, s, s)`` (``sample_channels``, ``sample_size``), ``t (B,)`` int64,
+        ``ctx (B, L, text_dim)``, ``mask (B, L)`` bool -> the prediction (noise or v) ``(B, C, s, s)``."""
         return self.unet(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
 
     # ------------------------------------------------------------------ image conditioning
@@ -271,7 +332,8 @@ class DiffusionHead(Head):
                        generator: torch.Generator | None = None, drop: bool = True) -> torch.Tensor:
         """Mean squared error of the UNet's prediction (noise or v) at random timesteps; ``generator`` fixes the
         noise and timesteps (validation), ``drop`` applies the condition dropout."""
-        x0 = self.to_pixels(images)
+        px = self.to_pixels(images)
+        x0 = self.to_samples(px)
         b, dev = x0.shape[0], x0.device
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(dev) if generator is not None \
             else torch.randn_like(x0)
@@ -290,7 +352,7 @@ class DiffusionHead(Head):
             use = (torch.rand(b, generator=generator) < self.image_condition["prob"]) & keep
             if bool(use.any()):
                 idx = use.nonzero().squeeze(1).to(dev)
-                ictx, imask = self.image_context(self.embed_pixels((x0[idx] + 1.0) * 0.5))
+                ictx, imask = self.image_context(self.embed_pixels((px[idx] + 1.0) * 0.5))
                 sel = use.to(dev)
                 ctx = torch.where(sel.view(b, 1, 1), ctx.new_zeros(ctx.shape).index_copy(0, idx, ictx.to(ctx.dtype)),
                                   ctx)
@@ -321,12 +383,15 @@ class DiffusionHead(Head):
         cfg = dict(self.train_scheduler.config)
         clip = bool(cfg.get("clip_sample", True))
         rng = float(cfg.get("clip_sample_range", 1.0))
+        # DPM's thresholding divides by its threshold (clamped to [1, sample_max_value]): plain clipping only at 1;
+        # latents (range LATENT_CLIP) are left unclipped rather than squeezed into [-1, 1]
+        dpm_threshold = clip and rng <= 1.0
         if sampler == "ddim":
             return DDIM.from_config(cfg, timestep_spacing="trailing", set_alpha_to_one=True)
         if sampler == "dpm":
             return DPM.from_config({k: v for k, v in cfg.items() if k not in ("clip_sample", "clip_sample_range",
                                                                               "variance_type")},
-                                   timestep_spacing="trailing", thresholding=clip, sample_max_value=rng,
+                                   timestep_spacing="trailing", thresholding=dpm_threshold, sample_max_value=rng,
                                    dynamic_thresholding_ratio=1.0)
         raise ValueError(f"sampler={sampler!r}; use one of {SAMPLERS}")
 
@@ -382,8 +447,8 @@ class DiffusionHead(Head):
         denoise = denoiser or self.denoise
         sched = self.make_sampler(sampler)
         sched.set_timesteps(steps, device=dev)
-        S = self.image_size
-        x = torch.stack([torch.randn(3, S, S, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        C, S = self.sample_channels, self.sample_size
+        x = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(s)) for s in seeds])
         x = (x * sched.init_noise_sigma).to(dev, dtype)
         ctx, mask = ctx.to(dev), mask.to(dev)
         cfg = guidance != 1.0
@@ -400,7 +465,7 @@ class DiffusionHead(Head):
                 u, c = out.chunk(2)
                 out = u + guidance * (c - u)
             x = sched.step(out, t, x).prev_sample
-        img = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        img = ((self.from_samples(x) + 1.0) * 127.5).round().to(torch.uint8)
         return img.permute(0, 2, 3, 1).cpu()
 
     def _options(self, options: Mapping[str, Any], n: int) -> tuple[list[str], dict[str, Any]]:
@@ -436,6 +501,9 @@ class DiffusionHead(Head):
         d: dict[str, Any] = {"image_size": self.image_size, "prediction_type": self.prediction_type}
         if self.image_condition is not None:
             d["image_condition"] = dict(self.image_condition)
+        if self.latent is not None:
+            d["latent"] = dict(self.latent)
+            d["sample_shape"] = [self.sample_channels, self.sample_size, self.sample_size]
         return d
 
     def export_denoiser(self, path: Any, **kwargs: Any):

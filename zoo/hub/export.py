@@ -455,7 +455,9 @@ def export_onnx(model_or_bundle: ZooModel | str | os.PathLike[str], path: str | 
     Outputs, one per head (dict outputs flattened to ``<head>.<key>``): classification ``<head>`` logits ``(B, K)``;
     embedding ``<head>`` L2-normalised embeddings ``(B, D)``; semantic ``<head>.logits`` ``(B, K, H/s, W/s)``
     (axes ``batch, classes, height, width``); one-stage detection (FCOS, RetinaNet) the raw outputs (class logits,
-    box regression, anchors/points) for the traced size. Faster/Mask R-CNN heads raise :class:`ExportError`.
+    box regression, anchors/points) for the traced size. Autoencoder (``vae``) ``<head>`` the reconstruction
+    ``(B, 3, H, W)`` in ``[-1, 1]``. Faster/Mask R-CNN heads (and the diffusion head, whose sampler loop is Python: see
+    :mod:`zoo.generation.export`) raise :class:`ExportError`.
 
     With ``postprocess=True`` one-stage detection heads end in their final detections instead, decoding and
     per-class NMS (ONNX ``NonMaxSuppression``, opset >= 11) inside the graph: ``<head>.boxes`` ``(B, M, 4)`` xyxy in

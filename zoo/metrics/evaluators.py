@@ -439,6 +439,15 @@ def _generation_evaluator(head: nn.Module, options: Mapping[str, Any] | None = N
 _BY_KIND["generation"] = _generation_evaluator
 
 
+def _reconstruction_evaluator(head: nn.Module, options: Mapping[str, Any] | None = None) -> Evaluator:
+    from zoo.generation.evaluator import ReconstructionEvaluator
+
+    return ReconstructionEvaluator(head, options)
+
+
+_BY_KIND["reconstruction"] = _reconstruction_evaluator
+
+
 def evaluator_for(head: nn.Module, options: Mapping[str, Any] | None = None) -> Evaluator:
     """The evaluator of ``head``'s result kind."""
     kind = head.result_kind

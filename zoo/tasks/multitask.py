@@ -494,8 +494,8 @@ class MultiTask(ZooTask):
             hcls.from_model_config(hc, model_cfg, data_cfg)
             keys = set(COMMON_TRAINING_KEYS[2:]) | set(hcls.training_keys)
             train_opts[name] = {k: hc.pop(k) for k in list(hc) if k in keys}
-            src = hc.pop("input", None) or hcls.neck or "backbone"
-            if src != "backbone" and src not in necks:
+            src = hc.pop("input", None) or hcls.neck or getattr(hcls, "default_input", None) or "backbone"
+            if src not in ("backbone", "images") and src not in necks:
                 if src == "fpn":
                     necks["fpn"] = {"type": "fpn", "out_channels": 128}
                 else:
