@@ -95,11 +95,9 @@ class ShardError(ValueError):
 
 # ====================================================================================================== writing
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from zoo.hub.bundle import sha256_file
+
+    return sha256_file(path)
 
 
 def _zoo_version() -> str:

@@ -70,11 +70,9 @@ def weights_digest(head: Any) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from zoo.hub.bundle import sha256_file
+
+    return sha256_file(path)
 
 
 class _Denoise(nn.Module):

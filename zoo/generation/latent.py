@@ -15,7 +15,6 @@ Only torch and zoo's lean modules are imported (serving path); diffusers comes w
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 from collections.abc import Mapping
@@ -117,11 +116,9 @@ class LatentCodec:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from zoo.hub.bundle import sha256_file
+
+    return sha256_file(path)
 
 
 def load_codec(cfg: Mapping[str, Any]) -> LatentCodec:
