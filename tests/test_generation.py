@@ -767,3 +767,23 @@ def test_shapes_vae_then_latent_t2i_experiments_train_and_load(tmp_path: Path) -
     assert g.spec.heads["gen"]["latent"]["vae"] == str(Path(vae["bundle"]).resolve())
     imgs = zoo.Generator(g)(["a red star"], steps=2, seed=0)
     assert imgs[0].shape == (64, 64, 3) and imgs[0].dtype == np.uint8
+
+
+def test_geneval_command_writes_the_table_the_report_and_fid(tmp_path: Path) -> None:
+    """``python -m zoo.generation.evaluate ckpt_path=<bundle> ...`` at a tiny size: the per-category table with the
+    real-image ceiling and the untrained column, FID / KID in a zoo backbone's feature space, geneval.json."""
+    import json
+
+    from zoo.generation.evaluate import main
+
+    torch.manual_seed(0)
+    model = zoo.create_model(tiny_spec())
+    folder = save_bundle(tmp_path / "bundle", model.state_dict(), model_meta(tiny_spec()))
+    rep = main([f"ckpt_path={folder}", "steps=2", "per_category=1", "untrained=true", "guidance=1.0",
+                f"out={tmp_path / 'ge'}"])
+    assert {"generated", "real", "untrained"} <= set(rep["metrics"]), rep["metrics"].keys()
+    assert all(0.0 <= v <= 1.0 for col in rep["metrics"].values() for v in col.values())
+    assert "real" in rep["table"] and "overall" in rep["table"]
+    assert rep["fid"] and all(np.isfinite(v["fid"]) for v in rep["fid"].values())
+    saved = json.loads((tmp_path / "ge" / "geneval.json").read_text())
+    assert saved["metrics"] == json.loads(json.dumps(rep["metrics"]))
