@@ -19,6 +19,16 @@ CONF = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Every test starts with the suite's torch threads: a test that changes the process's thread count (a CLI's
+    threads= option, an OpenMP setting) must not make every later test run on fewer cores."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)

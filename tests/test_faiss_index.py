@@ -34,7 +34,6 @@ def clustered(n: int, dim: int, clusters: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def data() -> dict:
-    faiss.omp_set_num_threads(1)
     x = clustered(N + QUERIES, DIM, CLUSTERS, seed=0)
     exact = EmbeddingIndex(x[:N], [f"img{i:05d}" for i in range(N)], dict(MODEL))
     return {"exact": exact, "queries": x[N:]}
@@ -174,3 +173,19 @@ def test_command_line_builds_searches_and_refuses_another_model(data: dict, tmp_
     assert "other" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "g.faiss")]) == 0
     assert json.loads(capsys.readouterr().out)["index_type"] == "hnsw"
+
+
+def test_builds_and_searches_with_threads_leave_torch_threads_alone(data: dict, tmp_path: Path) -> None:
+    """FAISS's OpenMP thread count is the whole process's and torch's intra-op threads read it: an index built or
+    searched with threads=1 must put it back (left at 1, every later torch op in the process ran on one core)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        idx = data["exact"].to_faiss("ivf", threads=1)
+        assert torch.get_num_threads() == 2
+        idx.save(tmp_path / "ix")
+        loaded = FaissIndex.load(tmp_path / "ix", threads=1)
+        assert loaded.search(data["queries"][:3], k=5) == idx.search(data["queries"][:3], k=5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)

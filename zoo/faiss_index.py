@@ -19,6 +19,7 @@ faiss-cpu``; the ``dev`` extra has it) and off the serving path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,21 @@ def _faiss():
         raise ImportError("FAISS indexes need the faiss package: pip install faiss-cpu (or faiss-gpu); the exact "
                           "EmbeddingIndex needs nothing more") from err
     return faiss
+
+
+@contextlib.contextmanager
+def _omp_threads(faiss: Any, threads: int | None):
+    """FAISS's OpenMP threads set to ``threads`` inside the block and put back after: the OpenMP setting is the
+    process's, so leaving it changed would also change torch's intra-op threads (``torch.get_num_threads()``)."""
+    if not threads:
+        yield
+        return
+    prev = int(faiss.omp_get_max_threads())
+    faiss.omp_set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(prev)
 
 
 def _pow2_near(x: float) -> int:
@@ -245,54 +261,54 @@ class FaissIndex:
             train_size: rows the IVF / PQ training sample draws from all parts (default: 40 a list and, for PQ,
                 at least 64 a sub-quantiser centroid; at most every row).
             seed: of the training sample (and FAISS's k-means).
-            threads: FAISS's OpenMP threads for the build (``None``: FAISS's default).
+            threads: FAISS's OpenMP threads for the build (``None``: FAISS's default); the process's OpenMP
+                setting, which torch's intra-op threads share, is put back afterwards.
             Parameters left ``None`` come from :func:`default_params` for the number of rows.
         """
         faiss = _faiss()
         if kind not in INDEX_TYPES:
             raise ValueError(f"FAISS index type {kind!r} unknown; use one of {', '.join(INDEX_TYPES)}")
-        if threads:
-            faiss.omp_set_num_threads(int(threads))
-        parts = _Parts(_as_parts(source))
-        n, dim = parts.total, int(parts.dim or 0)
-        if n == 0:
-            raise ValueError("no embeddings to index: every part is empty")
-        given = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe, "hnsw_m": hnsw_m,
-                 "ef_construction": ef_construction, "ef_search": ef_search}
-        unused = [k for k, v in given.items() if v is not None and k not in PARAMS[kind]]
-        if unused:
-            raise ValueError(f"FAISS index type {kind!r} takes {', '.join(PARAMS[kind]) or 'no parameters'}, not "
-                             f"{', '.join(unused)}")
-        params = default_params(kind, n, dim)
-        params.update({k: int(v) for k, v in given.items() if v is not None and k in params})
-        index = cls._new(faiss, kind, dim, params)
-        if not index.is_trained:
-            # 40 vectors a list (FAISS's k-means asks for 39) and, for PQ, 64 a sub-quantiser centroid
-            need = params["nlist"] * 40
-            if kind == "ivfpq":
-                need = max(need, (1 << params["nbits"]) * 64)
-            size = min(n, int(train_size) if train_size else need)
-            if size < params["nlist"]:
-                raise ValueError(f"nlist={params['nlist']} inverted lists need at least as many training vectors, "
-                                 f"but {size} are available; lower nlist")
-            sample = parts.sample(size, seed)
-            index.train(sample)
-            del sample
-        ids: list[str] = []
-        for idx in parts:
-            if len(idx):
-                index.add(_vectors(idx))
-            ids.extend(idx.ids)
-        if len(set(ids)) != len(ids):
-            seen: set[str] = set()
-            dup = ""
-            for i in ids:
-                if i in seen:
-                    dup = i
-                    break
-                seen.add(i)
-            raise ValueError(f"id {dup!r} occurs in more than one row: the parts overlap (ids must be unique)")
-        return cls(index, ids, kind=kind, params=params, meta=parts.meta)
+        with _omp_threads(faiss, threads):
+            parts = _Parts(_as_parts(source))
+            n, dim = parts.total, int(parts.dim or 0)
+            if n == 0:
+                raise ValueError("no embeddings to index: every part is empty")
+            given = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe, "hnsw_m": hnsw_m,
+                     "ef_construction": ef_construction, "ef_search": ef_search}
+            unused = [k for k, v in given.items() if v is not None and k not in PARAMS[kind]]
+            if unused:
+                raise ValueError(f"FAISS index type {kind!r} takes {', '.join(PARAMS[kind]) or 'no parameters'}, not "
+                                 f"{', '.join(unused)}")
+            params = default_params(kind, n, dim)
+            params.update({k: int(v) for k, v in given.items() if v is not None and k in params})
+            index = cls._new(faiss, kind, dim, params)
+            if not index.is_trained:
+                # 40 vectors a list (FAISS's k-means asks for 39) and, for PQ, 64 a sub-quantiser centroid
+                need = params["nlist"] * 40
+                if kind == "ivfpq":
+                    need = max(need, (1 << params["nbits"]) * 64)
+                size = min(n, int(train_size) if train_size else need)
+                if size < params["nlist"]:
+                    raise ValueError(f"nlist={params['nlist']} inverted lists need at least as many training vectors, "
+                                     f"but {size} are available; lower nlist")
+                sample = parts.sample(size, seed)
+                index.train(sample)
+                del sample
+            ids: list[str] = []
+            for idx in parts:
+                if len(idx):
+                    index.add(_vectors(idx))
+                ids.extend(idx.ids)
+            if len(set(ids)) != len(ids):
+                seen: set[str] = set()
+                dup = ""
+                for i in ids:
+                    if i in seen:
+                        dup = i
+                        break
+                    seen.add(i)
+                raise ValueError(f"id {dup!r} occurs in more than one row: the parts overlap (ids must be unique)")
+            return cls(index, ids, kind=kind, params=params, meta=parts.meta)
 
     @staticmethod
     def _new(faiss: Any, kind: str, dim: int, p: dict[str, int]) -> Any:
@@ -334,7 +350,8 @@ class FaissIndex:
         if len(self) == 0:
             return np.zeros((len(qn), 0), np.float32), np.zeros((len(qn), 0), np.int64)
         params = self._search_params(nprobe, ef_search)
-        scores, rows = self.index.search(qn, k, params=params) if params is not None else self.index.search(qn, k)
+        with _omp_threads(_faiss(), getattr(self, "threads", None)):
+            scores, rows = self.index.search(qn, k, params=params) if params is not None else self.index.search(qn, k)
         return scores, rows
 
     def search(self, query: Any, k: int = 10, *, nprobe: int | None = None,
@@ -385,10 +402,9 @@ class FaissIndex:
              threads: int | None = None) -> "FaissIndex":
         """Read an index written by :meth:`save` (``path``: the ``.faiss`` file, its sidecar, or the name without
         suffix). With ``model`` and ``digest`` (the querying model's name and :func:`weights_digest`) a mismatch
-        with the model that built the index raises at once."""
+        with the model that built the index raises at once. ``threads``: FAISS's OpenMP threads for this index's
+        searches (set around each search and put back, so torch's threads are left as they were)."""
         faiss = _faiss()
-        if threads:
-            faiss.omp_set_num_threads(int(threads))
         index_path, side_path = index_files(path)
         if not side_path.is_file():
             raise FileNotFoundError(f"no FAISS index sidecar at {side_path} (written beside {index_path.name} by "
@@ -405,6 +421,7 @@ class FaissIndex:
                              f"says {len(side['ids'])} of {side['dim']}: the two files do not belong together")
         out = cls(index, side["ids"], kind=side["index_type"], params=side.get("params") or {},
                   meta=side.get("meta") or {})
+        out.threads = int(threads) if threads else None  # OpenMP threads of this index's searches
         if model is not None or digest is not None:
             out.check_model(model or "", digest)
         return out
