@@ -588,7 +588,9 @@ def tiny_vae(tmp_path_factory) -> dict:
 
 def test_vae_trains_and_its_reconstruction_error_falls(tiny_vae) -> None:
     """60 steps on 8 pictures: the L1 loss falls, the reconstruction error of the posterior mean falls well below
-    an untrained VAE's, and the scaling factor was measured on the first batch (1 / std of its posterior means)."""
+    an untrained VAE's, and the scaling factor gives the *trained* encoder's latents about unit variance (it is
+    tracked over training: measured once on the first, untrained batch it left a full shapes_vae run's scaled
+    latents at std 6.8, far from the unit variance the diffusion noise schedule assumes)."""
     model, x = tiny_vae["model"], tiny_vae["x"]
     head = model.heads["vae"]
     losses = tiny_vae["losses"]
@@ -597,6 +599,9 @@ def test_vae_trains_and_its_reconstruction_error_falls(tiny_vae) -> None:
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
     assert tiny_vae["after"] < 0.35 * tiny_vae["before"], (tiny_vae["before"], tiny_vae["after"])
     assert head.scale_measured and 0.0 < head.scaling_factor < 1e3
+    with torch.no_grad():
+        z_std = float(head.encode(x).std())
+    assert 0.7 < z_std < 1.4, z_std
     assert head.downsample == 2 and head.latent_channels == 4
     with torch.no_grad():
         z = head.encode(x)

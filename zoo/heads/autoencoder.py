@@ -24,10 +24,10 @@ Contract notes (how this head differs from the discriminative ones):
 - :meth:`postprocess` returns one :class:`~zoo.generation.results.Reconstruction` per picture, in original pixels.
 
 Latent scaling factor: the latent diffusion model works on ``mean * scaling_factor`` so that its latents have about
-unit variance, as its noise schedule assumes. It is ``1 / std`` of the posterior means of the first training batch
-the head sees (measured once, in :meth:`loss` on the first training step, before any update, and stored in the
-persistent buffer ``latent_scale``: it travels with the weights in checkpoints and bundles and the EMA copy takes it
-over); ``scaling_factor: <value>`` in the spec fixes it instead. An untrained head that never measured it reports
+unit variance, as its noise schedule assumes. It is ``1 / std`` of the posterior means, tracked over the training
+batches in :meth:`loss` (a running variance, :meth:`measure_scale`, so it ends at the trained encoder's) and
+stored in the persistent buffer ``latent_scale``: it travels with the weights in checkpoints and bundles and the EMA
+copy takes it over; ``scaling_factor: <value>`` in the spec fixes it instead. An untrained head that never measured it reports
 1.0. :meth:`export_description` records it with the latent channels and downsampling; a latent diffusion head
 records them in its own spec.
 """
@@ -68,7 +68,7 @@ class VAEHead(Head):
             ``channels``).
         mid_attention: self-attention in the mid blocks.
         recon_loss: ``l1`` or ``mse`` on ``[-1, 1]`` pixels. kl_weight: weight of the mean per-element KL term.
-        scaling_factor: fixes the latent scaling factor (default: measured on the first training batch).
+        scaling_factor: fixes the latent scaling factor (default: tracked over the training batches).
         pixel_mean, pixel_std: the normalisation of the batch images (the spec's mean / std), undone to ``[-1, 1]``.
 
     Shapes: ``forward([images (B, 3, H, W)])`` (``H``, ``W`` multiples of the downsampling) ->
@@ -111,7 +111,7 @@ class VAEHead(Head):
         self.fixed_scale = float(scaling_factor) if scaling_factor is not None else None
         if self.fixed_scale is not None and not self.fixed_scale > 0:
             raise ValueError(f"vae: scaling_factor={scaling_factor}; give a positive factor (or leave it out: it is "
-                             "measured on the first training batch)")
+                             "tracked over the training batches)")
         # 0: not measured yet (persistent: travels with the weights)
         self.register_buffer("latent_scale", torch.tensor(self.fixed_scale or 0.0))
         self.register_buffer("pixel_mean", torch.tensor([float(v) for v in pixel_mean]).view(1, 3, 1, 1), persistent=False)
@@ -120,7 +120,7 @@ class VAEHead(Head):
     # ------------------------------------------------------------------ data binding
     @classmethod
     def bind_data(cls, kwargs: dict[str, Any], info: Mapping[str, Any]) -> list[str] | None:
-        """No classes and nothing from the data (the scaling factor is measured on the first training batch)."""
+        """No classes and nothing from the data (the scaling factor is tracked over the training batches)."""
         return None
 
     @classmethod
@@ -192,18 +192,26 @@ class VAEHead(Head):
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         return {"loss_recon": rec, "loss_kl": self.kl_weight * kl}
 
+    #: weight of each training batch in the running latent variance behind the scaling factor
+    SCALE_MOMENTUM = 0.1
+
     @torch.no_grad()
     def measure_scale(self, mean: torch.Tensor) -> float:
-        """Set the scaling factor to ``1 / std`` of the posterior means ``mean`` (when not measured or fixed)."""
-        if not self.scale_measured:
-            std = float(mean.detach().float().std())
-            self.latent_scale.fill_(1.0 / max(std, 1e-6))
+        """Track the scaling factor from the posterior means ``mean`` of a training batch (unless it is fixed):
+        ``1 / sqrt(v)`` with ``v`` the running variance of the means (the first batch's, then a running mean with
+        weight :attr:`SCALE_MOMENTUM` per batch), so it follows the encoder as it trains and ends at the trained
+        encoder's (measured once, on the first and untrained batch, it was 7x off by the end of a run)."""
+        if self.fixed_scale is None:
+            var = float(mean.detach().float().var())
+            if self.scale_measured:
+                var = (1 - self.SCALE_MOMENTUM) / float(self.latent_scale) ** 2 + self.SCALE_MOMENTUM * var
+            self.latent_scale.fill_(1.0 / max(var, 1e-12) ** 0.5)
         return self.scaling_factor
 
     def loss(self, raw: Any, batch: Mapping[str, Any], criterion: nn.Module | None = None) -> dict[str, torch.Tensor]:
         if self.batch_targets(batch) is None:
             return {}
-        if self.training and not self.scale_measured:
+        if self.training:
             self.measure_scale(raw["mean"])
         return self.losses(raw, batch["images"])
 
