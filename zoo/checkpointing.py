@@ -418,10 +418,6 @@ class ZooCheckpoint(ModelCheckpoint):
         """Block until every background checkpoint write is on disk; raise the first one that failed."""
         self._raise_failed_writes(wait=True)
 
-    def flush(self) -> None:
-        """Every checkpoint written so far is complete on disk when this returns (a failed write raises here)."""
-        self._wait_for_writes()
-
     def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
         self._wait_for_writes()  # never remove a file that a queued write is about to create or replace
         super()._remove_checkpoint(trainer, filepath)

@@ -494,7 +494,7 @@ class MultiTask(ZooTask):
             hcls.from_model_config(hc, model_cfg, data_cfg)
             keys = set(COMMON_TRAINING_KEYS[2:]) | set(hcls.training_keys)
             train_opts[name] = {k: hc.pop(k) for k in list(hc) if k in keys}
-            src = hc.pop("input", None) or hcls.neck or getattr(hcls, "default_input", None) or "backbone"
+            src = hc.pop("input", None) or hcls.neck or hcls.default_input or "backbone"
             if src not in ("backbone", "images") and src not in necks:
                 if src == "fpn":
                     necks["fpn"] = {"type": "fpn", "out_channels": 128}
