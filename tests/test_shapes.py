@@ -409,11 +409,47 @@ def test_install_race_keeps_the_winner(tmp_path: Path) -> None:
     (dict(num_val=-1), "num_val"),
     (dict(image_size=16), "image_size"),
     (dict(num_workers=-2), "num_workers"),
+    (dict(layout="grid"), "layout"),
 ])
 def test_bad_parameters(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ensure_shapes_dataset(tmp_path / "x", **{"num_train": 2, "num_val": 1, "image_size": 40, **kwargs})
     assert not (tmp_path / "x").exists()
+
+
+def test_compositional_layout_gives_captions_of_every_prompt_kind() -> None:
+    """layout=compositional: one object, two of different kinds, a counted group of one kind and colour, or a pair in
+    opposite halves; never truncated. Its captions then hold counted and related phrases, which the default layout's
+    independent draws seldom give; the default layout is not recorded in the parameters (old caches stay)."""
+    from zoo.generation.captions import CaptionObject, caption_for_objects
+
+    assert "layout" not in shapes.shapes_params() and shapes.shapes_params(layout="compositional")["layout"]
+    kinds: dict[str, int] = {}
+    caps = []
+    for i in range(120):
+        smp = render_shapes_sample("train", i, image_size=32, layout="compositional")
+        objs = smp.objects
+        assert not any(o.truncated or o.iscrowd for o in objs)
+        if not objs:
+            kinds["none"] = kinds.get("none", 0) + 1
+            continue
+        names = {(o.shape, o.color) for o in objs}
+        kind = "single" if len(objs) == 1 else "count" if len(names) == 1 else "two"
+        if kind == "count":
+            assert len(objs) in (2, 3)
+        if kind == "two":
+            assert len(objs) == 2 and objs[0].shape != objs[1].shape
+        kinds[kind] = kinds.get(kind, 0) + 1
+        boxes = [[*o.polygon.min(0), *o.polygon.max(0)] for o in objs]
+        caps.append(caption_for_objects([CaptionObject(o.shape, o.color, b) for o, b in zip(objs, boxes)], seed=i))
+    assert kinds["single"] >= 12 and kinds["count"] >= 15 and kinds["two"] >= 40, kinds
+    assert sum(c.startswith(("two ", "three ")) for c in caps) >= 15
+    assert sum(any(r in c for r in ("left of", "right of", "above", "below")) for c in caps) >= 15
+    default = [render_shapes_sample("train", i, image_size=32) for i in range(120)]
+    counted = sum(len({(o.shape, o.color) for o in d.objects if not o.iscrowd}) < len([o for o in d.objects
+                                                                                       if not o.iscrowd])
+                  for d in default)
+    assert 3 * counted <= kinds["count"], (counted, kinds)  # the default layout: seldom two of one kind and colour
 
 
 def test_render_rejects_unknown_split() -> None:

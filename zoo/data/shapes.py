@@ -26,6 +26,15 @@ Content of each image (``image_size`` square, RGB):
   annotated as ONE ``iscrowd=1`` annotation with an uncompressed RLE ``{"size": [h, w], "counts": [...]}``;
 - slight blur, pixel noise, global colour jitter and JPEG compression.
 
+``layout="compositional"`` (for text-to-image: ``experiment=shapes_t2i``) keeps the backgrounds, colours, shading
+and noise but composes each image the way the GenEval-style prompts of :mod:`zoo.generation.prompts` are built, so
+that its captions hold every kind of phrase the prompts ask for: one large object (20%), two objects of different
+kinds (25%), two or three objects of one kind and colour (25%: counted captions, which the default layout
+seldom yields (~6% of images) since its extra objects draw kind and colour independently), or two objects of
+different kinds in opposite halves of the image (30%: left / right / above / below), sized ~22-55% of the side and
+never truncated; the ~3% negatives stay, crowds are left out. Objects of one scene may have equal sizes, so the
+classification target ("largest object") is not guaranteed unambiguous in that layout.
+
 Non-crowd annotations hold ``segmentation`` (one polygon ``[[x1, y1, x2, y2, ...]]``, circles as 32-gons), a tight
 ``bbox`` ``[x, y, w, h]`` around it, its polygon ``area``, ``iscrowd`` 0, and the extra fields ``color`` and
 ``identity`` (``"<color>_<shape>"``, the similarity identity). Category ids are non-contiguous, as in COCO
@@ -295,9 +304,11 @@ def _split_offsets(seed: int, split: str) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def _random_color(rng: np.random.Generator) -> tuple[str, np.ndarray]:
-    """A named colour with hue (+-12 deg), saturation and value jitter; ``(name, rgb (3,) float)``."""
-    name = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
+def _random_color(rng: np.random.Generator, name: str | None = None) -> tuple[str, np.ndarray]:
+    """A named colour (``name``, else drawn) with hue (+-12 deg), saturation and value jitter;
+    ``(name, rgb (3,) float)``."""
+    if name is None:
+        name = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
     h = ((_HUES[name] + rng.uniform(-12.0, 12.0)) % 360.0) / 360.0
     rgb = colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
     return name, np.asarray(rgb, dtype=np.float32)
@@ -465,7 +476,46 @@ def _paint(img: np.ndarray, p: _Placed, rgb: np.ndarray, rng: np.random.Generato
     region += alpha * (fill - region)
 
 
-def render_shapes_sample(split: str, index: int, *, image_size: int = 128, seed: int = 0) -> ShapesSample:
+#: The layouts of :func:`render_shapes_sample` (see the module docs).
+LAYOUTS = ("mixed", "compositional")
+#: compositional scenes: (kind, probability); "pair" objects sit in opposite halves along a random axis
+_SCENES = (("single", 0.2), ("two", 0.25), ("count", 0.25), ("pair", 0.3))
+_HALVES = (((0.27, 0.5), (0.73, 0.5)), ((0.5, 0.27), (0.5, 0.73)))
+
+
+def _compositional(rng: np.random.Generator, placer: _Placer, S: int
+                   ) -> list[tuple[str, str, np.ndarray, _Placed]] | None:
+    """One compositional scene (module docs): ``[(kind, colour name, rgb, placement)]``, or ``None`` when a shape
+    did not fit (the caller draws the scene again)."""
+    scene = _SCENES[int(rng.choice(len(_SCENES), p=[w for _, w in _SCENES]))][0]
+    if scene == "single":
+        specs = [(SHAPE_NAMES[int(rng.integers(len(SHAPE_NAMES)))], None, (0.35, 0.55), None)]
+    elif scene == "count":
+        kind, color = SHAPE_NAMES[int(rng.integers(len(SHAPE_NAMES)))], COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
+        specs = [(kind, color, (0.22, 0.3), None)] * int(rng.integers(2, 4))
+    else:
+        a, b = rng.choice(len(SHAPE_NAMES), 2, replace=False)
+        centres: list[Any] = [None, None]
+        if scene == "pair":
+            halves = _HALVES[int(rng.integers(2))]
+            order = rng.permutation(2)
+            centres = [tuple((np.asarray(halves[int(k)]) + rng.uniform(-0.06, 0.06, 2)) * S) for k in order]
+        specs = [(SHAPE_NAMES[int(a)], None, (0.3, 0.45), centres[0]), (SHAPE_NAMES[int(b)], None, (0.3, 0.45), centres[1])]
+    out = []
+    for kind, color, frac, centre in specs:
+        for _ in range(100):
+            placed = placer.shape(kind, rng.uniform(*frac) * S, truncate=False, center=centre)
+            if placed is not None:
+                break
+        else:
+            return None
+        name, rgb = _random_color(rng, color)
+        out.append((kind, name, rgb, placed))
+    return out
+
+
+def render_shapes_sample(split: str, index: int, *, image_size: int = 128, seed: int = 0,
+                         layout: str = "mixed") -> ShapesSample:
     """Render one image of the dataset with its objects (what :func:`ensure_shapes_dataset` writes, before JPEG).
 
     Deterministic in ``(seed, split, index, image_size)``; the i-th file of a split (image id ``index + 1``) is the
@@ -476,12 +526,16 @@ def render_shapes_sample(split: str, index: int, *, image_size: int = 128, seed:
         index: 0-based image index within the split.
         image_size: side of the square image in pixels.
         seed: dataset seed.
+        layout: ``"mixed"`` (the default dataset) or ``"compositional"`` (scenes like the text-to-image prompts;
+            module docs).
 
     Returns:
         :class:`ShapesSample` with the ``(S, S, 3)`` uint8 image and its objects (masks ``(S, S)`` bool).
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"shapes layout={layout!r}; use one of {LAYOUTS}")
     S = int(image_size)
     rng = np.random.default_rng([int(seed), _SPLITS.index(split), int(index)])
     neg_off, crowd_off = _split_offsets(seed, split)
@@ -495,7 +549,19 @@ def render_shapes_sample(split: str, index: int, *, image_size: int = 128, seed:
     def pick_kind() -> str:
         return SHAPE_NAMES[int(rng.integers(len(SHAPE_NAMES)))]
 
-    if not negative:
+    if not negative and layout == "compositional":
+        for _attempt in range(20):
+            placer = _Placer(rng, S)
+            scene = _compositional(rng, placer, S)
+            if scene is not None:
+                break
+        else:  # pragma: no cover - the sizes leave ample room
+            raise RuntimeError(f"shapes: could not compose {split} image {index} (image_size={S})")
+        for kind, name, rgb, placed in scene:
+            objects.append(ShapeObject(kind, name, rgb, placed.poly, placed.mask, truncated=False))
+            _paint(img, placed, rgb, rng)
+        primary = int(np.argmax([_polygon_area(o.polygon) for o in objects]))
+    elif not negative:
         n_objects = int(rng.integers(1, 5))
         to_paint: list[tuple[_Placed, np.ndarray]] = []
         # primary: large, placed first on the empty canvas
@@ -593,11 +659,17 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/zoo").expanduser()
 
 
-def shapes_params(*, num_train: int = 1600, num_val: int = 400, image_size: int = 128, seed: int = 0
-                  ) -> dict[str, Any]:
-    """The parameters that define a shapes dataset (what ``DONE.json`` records and the cache name hashes)."""
-    return {"version": DATASET_VERSION, "num_train": int(num_train), "num_val": int(num_val),
-            "image_size": int(image_size), "seed": int(seed)}
+def shapes_params(*, num_train: int = 1600, num_val: int = 400, image_size: int = 128, seed: int = 0,
+                  layout: str = "mixed") -> dict[str, Any]:
+    """The parameters that define a shapes dataset (what ``DONE.json`` records and the cache name hashes); the
+    default layout is not recorded, so datasets written before layouts existed keep their folder."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"shapes layout={layout!r}; use one of {LAYOUTS}")
+    params: dict[str, Any] = {"version": DATASET_VERSION, "num_train": int(num_train), "num_val": int(num_val),
+                              "image_size": int(image_size), "seed": int(seed)}
+    if layout != "mixed":
+        params["layout"] = layout
+    return params
 
 
 def _params_hash(params: dict[str, Any]) -> str:
@@ -632,11 +704,12 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _encode_image(split: str, index: int, image_size: int, seed: int) -> tuple[bytes, list[dict[str, Any]]]:
+def _encode_image(split: str, index: int, image_size: int, seed: int, layout: str = "mixed"
+                  ) -> tuple[bytes, list[dict[str, Any]]]:
     """JPEG bytes and annotations (without ids) of one image."""
     import io
 
-    sample = render_shapes_sample(split, index, image_size=image_size, seed=seed)
+    sample = render_shapes_sample(split, index, image_size=image_size, seed=seed, layout=layout)
     buf = io.BytesIO()
     Image.fromarray(sample.image).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2, optimize=False)
     return buf.getvalue(), sample.annotations()
@@ -646,10 +719,10 @@ def _file_name(index: int) -> str:
     return f"{index + 1:012d}.jpg"
 
 
-def _generate_one(job: tuple[str, int, int, int, str]) -> list[dict[str, Any]]:
+def _generate_one(job: tuple[str, int, int, int, str, str]) -> list[dict[str, Any]]:
     """Worker: render image ``index`` of ``split``, write its JPEG into ``out_dir``, return its annotations."""
-    split, index, image_size, seed, out_dir = job
-    data, anns = _encode_image(split, index, image_size, seed)
+    split, index, image_size, seed, out_dir, layout = job
+    data, anns = _encode_image(split, index, image_size, seed, layout)
     with open(os.path.join(out_dir, _file_name(index)), "wb") as fh:
         fh.write(data)
     return anns
@@ -659,7 +732,8 @@ def _write_split(tmp: Path, split: str, n: int, params: dict[str, Any], pool: An
     S, seed = params["image_size"], params["seed"]
     img_dir = tmp / split
     img_dir.mkdir(parents=True)
-    jobs = [(split, i, S, seed, str(img_dir)) for i in range(n)]
+    layout = params.get("layout", "mixed")
+    jobs = [(split, i, S, seed, str(img_dir), layout) for i in range(n)]
     results = pool.imap(_generate_one, jobs, chunksize=16) if pool is not None else map(_generate_one, jobs)
     images, annotations = [], []
     for i, anns in enumerate(results):
@@ -730,7 +804,7 @@ def _install(tmp: Path, root: Path, params: dict[str, Any]) -> None:
 
 
 def ensure_shapes_dataset(root: str | Path | None = None, *, num_train: int = 1600, num_val: int = 400,
-                          image_size: int = 128, seed: int = 0, num_workers: int = 0) -> Path:
+                          image_size: int = 128, seed: int = 0, layout: str = "mixed", num_workers: int = 0) -> Path:
     """Return a folder holding the shapes dataset with these parameters, generating it on first use.
 
     A folder whose ``DONE.json`` records the same parameters is returned at once. Otherwise the dataset is written
@@ -744,6 +818,7 @@ def ensure_shapes_dataset(root: str | Path | None = None, *, num_train: int = 16
         num_val: images in the ``val`` split (>= 0).
         image_size: side of the square RGB images, in pixels (>= 32).
         seed: dataset seed; every image draws from an RNG seeded by ``(seed, split, index)``.
+        layout: ``"mixed"`` (default) or ``"compositional"`` (scenes like the text-to-image prompts; module docs).
         num_workers: > 0 renders with a process pool of this size (same bytes as serial generation).
 
     Returns:
@@ -756,7 +831,7 @@ def ensure_shapes_dataset(root: str | Path | None = None, *, num_train: int = 16
         raise ValueError(f"shapes dataset image_size must be >= 32 pixels, got {image_size}")
     if int(num_workers) < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    params = shapes_params(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+    params = shapes_params(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed, layout=layout)
     if root is None:
         root = default_cache_dir() / "datasets" / f"{DATASET_VERSION}-{_params_hash(params)}"
     root = Path(root).expanduser().absolute()

@@ -3,7 +3,8 @@ at a final validation (``trainer.validate``: the end of ``train.py``, or ``evalu
 GenEval prompt category written to ``<output_dir>/samples/``.
 
 Metrics: ``denoise_mse`` (lower is better) and ``denoise_r2`` = 1 - mse (the main metric, higher is better; the
-target, noise or v, has unit variance). The GenEval-style grading needs a detector and sampling time: it is
+target, noise or v, has unit variance); always the unweighted error, whatever the training loss's ``snr_gamma``,
+so runs with different weightings compare. The GenEval-style grading needs a detector and sampling time: it is
 :mod:`zoo.generation.evaluate`, not a per-epoch metric.
 """
 
@@ -48,7 +49,7 @@ class GenerationEvaluator(Evaluator):
         g = torch.Generator().manual_seed(1000 + self._batches)
         self._batches += 1
         n = len(captions)
-        mse = head.diffusion_loss(batch["images"], captions, generator=g, drop=False)
+        mse = head.diffusion_loss(batch["images"], captions, generator=g, drop=False, weighted=False)
         self._sum += float(mse) * n
         self._n += n
         self._head = head

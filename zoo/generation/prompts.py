@@ -16,7 +16,6 @@ colours and photometric noise), so the grader's accuracy on real images is the c
 
 from __future__ import annotations
 
-import colorsys
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -79,15 +78,6 @@ def prompt_set(shapes: Sequence[str] | None = None, colors: Sequence[str] | None
     return out
 
 
-def _color_rgb(name: str | None, rng: np.random.Generator) -> tuple[str, np.ndarray]:
-    from zoo.data.shapes import COLOR_NAMES, _HUES
-
-    if name is None:
-        name = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
-    h = ((_HUES[name] + rng.uniform(-12.0, 12.0)) % 360.0) / 360.0
-    return name, np.asarray(colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)), dtype=np.float32)
-
-
 _REGIONS = {"left of": ((0.27, 0.5), (0.73, 0.5)), "right of": ((0.73, 0.5), (0.27, 0.5)),
             "above": ((0.5, 0.27), (0.5, 0.73)), "below": ((0.5, 0.73), (0.5, 0.27))}
 
@@ -98,7 +88,7 @@ def render_prompt(prompt: Prompt, *, image_size: int = 32, seed: int = 0, max_tr
     never overlapping, two related objects centred in the halves the relation names; deterministic in ``seed``."""
     from PIL import Image
 
-    from zoo.data.shapes import _background, _paint, _Placer
+    from zoo.data.shapes import _background, _paint, _Placer, _random_color
 
     S = int(image_size)
     rng = np.random.default_rng([int(seed), 11])
@@ -124,7 +114,7 @@ def render_prompt(prompt: Prompt, *, image_size: int = 32, seed: int = 0, max_tr
                 if placed is None:
                     ok = False
                     break
-                _, rgb = _color_rgb(o.get("color"), rng)
+                _, rgb = _random_color(rng, o.get("color"))
                 todo.append((placed, rgb))
             if not ok:
                 break
