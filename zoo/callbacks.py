@@ -298,3 +298,97 @@ class ZooModelSummary(_model_summary_base()):
         from lightning.pytorch.utilities.model_summary import summarize
 
         emit("model summary\n" + str(summarize(pl_module, max_depth=self.depth)), console=True)
+
+
+class ValidationSchedule(pl.Callback):
+    """``trainer.check_val_every_n_epoch=auto``: validate every epoch while a validation pass is cheap next to an
+    epoch of training, and every ``n``-th epoch when it is not, so that short epochs (a few hundred images) do not
+    spend a large share of the run validating.
+
+    After each validation, ``n`` is the smallest whole number of epochs whose training time is at least
+    ``1 / budget`` times the measured validation pass (``budget`` 0.05: validation takes at most ~5% of the run),
+    but never so many that more than ``max_minutes`` of training pass between validations; an epoch longer than
+    that always validates (large data keeps one validation per epoch). The first epoch of a fit and the last one
+    (``max_epochs``, or the epoch that reaches ``max_steps``) always validate, so best.ckpt and the final metrics
+    see the finished model. An epoch that does not validate also writes no epoch-end ``last.ckpt`` (the
+    checkpoint callback asks :meth:`validates`): the work a crash can lose is bounded by ``max_minutes`` and by
+    ``callbacks.checkpoint.last_every_minutes``; SIGINT / SIGTERM still save at once. Early stopping's
+    ``patience`` counts validations, as always. Changes of ``n`` are logged.
+
+    The schedule works by setting ``trainer.check_val_every_n_epoch`` at each epoch start (1 for an epoch that
+    validates, ``epoch + 2`` for one that does not), which is what Lightning's loop reads.
+    """
+
+    def __init__(self, budget: float = 0.05, max_minutes: float = 1.0) -> None:
+        if not 0 < float(budget) <= 1 or float(max_minutes) < 0:
+            raise ValueError(f"trainer.auto_val: budget must be in (0, 1] and max_minutes >= 0, got budget={budget}, "
+                             f"max_minutes={max_minutes}")
+        self.budget = float(budget)
+        self.max_seconds = float(max_minutes) * 60.0
+        self.every = 1
+        self._since = 0  # epochs trained since the last validation
+        self._first: int | None = None
+        self._epoch_t0 = 0.0
+        self._val_t0: float | None = None
+        self._val_s = 0.0  # time of this epoch's validation
+        self._last_val_s: float | None = None
+        self._validating_epoch: int | None = None
+        self.validated_epochs: list[int] = []
+
+    def _is_last_epoch(self, trainer: pl.Trainer) -> bool:
+        e = int(trainer.current_epoch)
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and e + 1 >= trainer.max_epochs:
+            return True
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            per_epoch = trainer.num_training_batches
+            acc = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+            if per_epoch != float("inf") and trainer.global_step + math.ceil(per_epoch / acc) >= trainer.max_steps:
+                return True
+        return False
+
+    def validates(self, trainer: pl.Trainer) -> bool:
+        """Whether the current epoch runs validation (decided at its start)."""
+        return self._validating_epoch == int(trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        e = int(trainer.current_epoch)
+        if self._first is None:
+            self._first = e
+        due = e == self._first or self._is_last_epoch(trainer) or self._since + 1 >= self.every
+        self._validating_epoch = e if due else None
+        trainer.check_val_every_n_epoch = 1 if due else e + 2  # Lightning validates when (epoch + 1) % n == 0
+        self._epoch_t0 = time.perf_counter()
+        self._val_s = 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self._val_t0 is None:
+            return
+        self._val_s += time.perf_counter() - self._val_t0
+        self._val_t0 = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        train_s = max(time.perf_counter() - self._epoch_t0 - self._val_s, 1e-6)
+        if self._validating_epoch != int(trainer.current_epoch):
+            self._since += 1
+            return
+        self._since = 0
+        self.validated_epochs.append(int(trainer.current_epoch))
+        val_s = self._val_s
+        if val_s <= 0:
+            return
+        # smallest n with val_s <= budget * n * train_s, capped by the longest allowed gap between validations
+        n = max(1, math.ceil(val_s / (self.budget * train_s)))
+        if self.max_seconds > 0:
+            n = max(1, min(n, int(self.max_seconds // train_s)))
+        else:
+            n = 1
+        if n != self.every and trainer.is_global_zero:
+            emit(f"validation: every {n} epoch{'s' if n > 1 else ''} from now on (a pass takes {val_s:.2f} s, an "
+                 f"epoch's training {train_s:.2f} s; trainer.check_val_every_n_epoch=auto keeps validation near "
+                 f"{self.budget:.0%} of the run and the last epoch validated; =1 validates every epoch)",
+                 console=False)
+        self.every = n

@@ -303,8 +303,9 @@ class ZooCheckpoint(ModelCheckpoint):
             at the next checkpoint or at the end of fitting. Off: every write blocks the step (several processes,
             and loggers that upload checkpoints as they are saved, always write in the foreground).
 
-    ``last.ckpt`` is written at every training epoch end whatever the monitored metric did (``save_last``), and
-    at the end of training. Every checkpoint is written to a temporary file and moved into place.
+    ``last.ckpt`` is written at every training epoch end whatever the monitored metric did (``save_last``; under
+    ``trainer.check_val_every_n_epoch=auto`` at every epoch end that validates, see
+    :class:`zoo.callbacks.ValidationSchedule`), and at the end of training. Every checkpoint is written to a temporary file and moved into place.
     """
 
     def __init__(self, *args: Any, last_every_n_steps: int = 0, last_every_minutes: float = 0.0,
@@ -333,6 +334,8 @@ class ZooCheckpoint(ModelCheckpoint):
         self._writer: Any = None  # a one-thread ThreadPoolExecutor, made at the first background write
         self._jobs: list[tuple[Any, str]] = []  # (future, path) of writes not yet waited for
         self._pending_paths: set[str] = set()
+        #: a :class:`zoo.callbacks.ValidationSchedule`: epochs it skips write no epoch-end last.ckpt
+        self.schedule: Any = None
 
     @property
     def state_key(self) -> str:
@@ -521,7 +524,10 @@ class ZooCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        # last.ckpt at every epoch end, unless it was just written after this epoch's last batch (validation end).
+        # last.ckpt at every epoch end, unless it was just written after this epoch's last batch (validation end),
+        # or the validation schedule (trainer.check_val_every_n_epoch=auto) skipped this epoch's validation
+        if self.schedule is not None and not self.schedule.validates(trainer):
+            return
         if self.save_last and not _skip_saving(trainer) and not self._wrote_last_since_batch:
             self.write_last(trainer)
 

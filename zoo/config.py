@@ -28,6 +28,9 @@ class ShapesConf:
     num_val: int = 400
     image_size: int = 128
     seed: int = 0
+    #: mixed (the default dataset) | compositional (scenes like the text-to-image prompts: one object, two, a
+    #: counted group of one kind and colour, a related pair; see zoo.data.shapes)
+    layout: str = "mixed"
     num_workers: int = 0
 
 
@@ -230,6 +233,16 @@ class FSDPConf:
 
 
 @dataclass
+class AutoValConf:
+    """``trainer.check_val_every_n_epoch=auto`` (zoo.callbacks.ValidationSchedule)."""
+
+    #: the share of training time validation may take (0.05: ~5%)
+    budget: float = 0.05
+    #: the most minutes of training between two validations (an epoch longer than this validates every time)
+    max_minutes: float = 1.0
+
+
+@dataclass
 class TrainerConf:
     accelerator: str = "cpu"
     devices: Any = 1
@@ -243,7 +256,10 @@ class TrainerConf:
     limit_train_batches: Any = None
     limit_val_batches: Any = None
     val_check_interval: Any = None
-    check_val_every_n_epoch: int = 1
+    #: "auto": every epoch while a validation pass costs <= auto_val.budget of an epoch's training, else every n-th
+    #: epoch (never more than auto_val.max_minutes of training apart; first and last epochs always); an integer: fixed
+    check_val_every_n_epoch: Any = "auto"
+    auto_val: AutoValConf = field(default_factory=lambda: AutoValConf())
     gradient_clip_val: Optional[float] = None
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10

@@ -169,12 +169,26 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
     depth = int(OmegaConf.select(cfg, "callbacks.model_summary_depth", default=2) or 0)
     if depth:
         callbacks.append(ZooModelSummary(max_depth=depth))
+    every = t.check_val_every_n_epoch
+    if every == "auto":
+        every = 1
+        if t.val_check_interval in (None, 1.0) and not t.fast_dev_run:  # mid-epoch validation keeps its schedule
+            from zoo.callbacks import ValidationSchedule
+
+            schedule = ValidationSchedule(budget=float(t.auto_val.budget), max_minutes=float(t.auto_val.max_minutes))
+            callbacks.append(schedule)
+            ckpt_cb.schedule = schedule
+    elif isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        from zoo.config import ConfigError
+
+        raise ConfigError(f"trainer.check_val_every_n_epoch={every!r}: give auto (validation paced by its cost) or a "
+                          "whole number of epochs >= 1")
     callbacks += callbacks_extra or []
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), num_nodes=t.num_nodes,
         plugins=cluster_plugins() or None,
         precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps, min_epochs=t.min_epochs,
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        check_val_every_n_epoch=every,
         # pcgrad steps by hand (manual optimisation) and clips there itself
         gradient_clip_val=None if OmegaConf.select(cfg, "model.balance") == "pcgrad" else t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,

@@ -1,0 +1,123 @@
+"""``trainer.check_val_every_n_epoch=auto`` (zoo.callbacks.ValidationSchedule): validation paced by its measured
+cost, the first and last epochs always validated, no epoch-end last.ckpt on skipped epochs, fixed integers kept."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from zoo.callbacks import ValidationSchedule
+from zoo.checkpointing import ZooCheckpoint
+
+
+class _Timed(BoringModel):
+    """BoringModel whose validation pass takes ``val_sleep`` seconds per batch and training ``train_sleep``."""
+
+    def __init__(self, train_sleep: float, val_sleep: float) -> None:
+        super().__init__()
+        self.train_sleep, self.val_sleep = train_sleep, val_sleep
+        self.val_epochs: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(self.train_sleep)
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        time.sleep(self.val_sleep)
+        out = super().validation_step(batch, batch_idx)
+        self.log("val_loss", out["x"])
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_epochs.append(int(self.trainer.current_epoch))
+
+
+class _LastWrites(pl.Callback):
+    """Records the epochs at whose end last.ckpt was (re)written (looked at when the next epoch starts and when
+    training ends: Lightning runs checkpoint callbacks after every other callback)."""
+
+    def __init__(self, ckpt: ZooCheckpoint) -> None:
+        self.ckpt, self.epochs, self._m = ckpt, [], None
+
+    def _look(self, epoch: int) -> None:
+        p = Path(self.ckpt.last_path)
+        m = p.stat().st_mtime_ns if p.exists() else None
+        if m != self._m:
+            self.epochs.append(epoch)
+        self._m = m
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._look(int(trainer.current_epoch) - 1)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._look(int(trainer.current_epoch) - 1)
+
+
+def _fit(tmp_path: Path, *, train_sleep: float, val_sleep: float, epochs: int, budget: float = 0.05,
+         max_minutes: float = 1.0):
+    model = _Timed(train_sleep, val_sleep)
+    sched = ValidationSchedule(budget=budget, max_minutes=max_minutes)
+    ckpt = ZooCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val_loss", mode="min", save_last=True,
+                         background_writes=False, handle_signals=False)
+    ckpt.schedule = sched
+    writes = _LastWrites(ckpt)  # after the checkpoint callback: sees this epoch's write
+    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=4, limit_val_batches=2, check_val_every_n_epoch=1,
+                         callbacks=[sched, ckpt, writes], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(model)
+    return model, sched, writes, ckpt
+
+
+def test_costly_validation_is_spaced_out_first_and_last_epochs_kept(tmp_path: Path) -> None:
+    # training 4 x 5 ms = 20 ms an epoch, validation 2 x 5 ms = 10 ms: at a 5% budget every 10th epoch
+    model, sched, writes, ckpt = _fit(tmp_path, train_sleep=0.005, val_sleep=0.005, epochs=14)
+    assert model.val_epochs[0] == 0 and model.val_epochs[-1] == 13
+    assert len(model.val_epochs) <= 4, model.val_epochs
+    assert sched.every >= 5
+    assert model.val_epochs == sched.validated_epochs
+    # last.ckpt is written at the epochs that validated (and at the end), not at the others
+    assert set(writes.epochs) <= set(model.val_epochs), (writes.epochs, model.val_epochs)
+    assert Path(ckpt.best_model_path).is_file() and Path(ckpt.last_path).is_file()
+
+
+def test_cheap_validation_runs_every_epoch(tmp_path: Path) -> None:
+    # validation next to nothing (no sleep) against 4 x 20 ms of training: every epoch, last.ckpt every epoch
+    model, sched, writes, _ = _fit(tmp_path, train_sleep=0.02, val_sleep=0.0, epochs=5, budget=0.5)
+    assert model.val_epochs == [0, 1, 2, 3, 4] and sched.every == 1
+    assert writes.epochs == [0, 1, 2, 3, 4], writes.epochs
+
+
+def test_the_longest_gap_between_validations_is_bounded(tmp_path: Path) -> None:
+    # validation costs 5x an epoch, but at most ~0.1 s (0.002 min) of training may pass between validations
+    model, sched, _, _ = _fit(tmp_path, train_sleep=0.01, val_sleep=0.1, epochs=8, max_minutes=0.002)
+    gaps = [b - a for a, b in zip(model.val_epochs, model.val_epochs[1:])]
+    assert max(gaps) <= 3, model.val_epochs
+
+
+def test_bad_settings_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="budget"):
+        ValidationSchedule(budget=0)
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), (3, True), (0, False), ("often", False)])
+def test_train_config_accepts_auto_or_a_whole_number(tmp_path: Path, value, ok: bool) -> None:
+    from zoo.config import ConfigError, TrainConfig, validate
+    from zoo.training import build_trainer
+
+    from tests.conftest import compose
+
+    cfg = validate(compose("train", [f"trainer.check_val_every_n_epoch={value}", "trainer.max_epochs=1"],
+                           output_dir=tmp_path), TrainConfig)
+    if not ok:
+        with pytest.raises(ConfigError, match="check_val_every_n_epoch"):
+            build_trainer(cfg, tmp_path, monitor="val/loss", mode="min")
+        return
+    trainer, ckpt = build_trainer(cfg, tmp_path, monitor="val/loss", mode="min")
+    has = [c for c in trainer.callbacks if isinstance(c, ValidationSchedule)]
+    assert bool(has) == (value == "auto") and (ckpt.schedule is not None) == (value == "auto")
+    assert trainer.check_val_every_n_epoch == (1 if value == "auto" else value)
