@@ -71,7 +71,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
             "cuda": {"size": 224, "batch": 256, "epochs": 3, "backbone": "resnet50"}},
     "det": {"cpu": {"size": 320, "batch": 8, "epochs": 2, "backbone": "resnet18"},
             "cuda": {"size": 640, "batch": 16, "epochs": 3, "backbone": "resnet50"}},
-    "seg": {"cpu": {"size": 256, "batch": 8, "epochs": 2, "backbone": "resnet18"},
+    "seg": {"cpu": {"size": 192, "batch": 8, "epochs": 10, "backbone": "resnet18"},
             "cuda": {"size": 512, "batch": 16, "epochs": 3, "backbone": "resnet50"}},
 }
 

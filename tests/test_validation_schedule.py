@@ -121,3 +121,58 @@ def test_train_config_accepts_auto_or_a_whole_number(tmp_path: Path, value, ok: 
     has = [c for c in trainer.callbacks if isinstance(c, ValidationSchedule)]
     assert bool(has) == (value == "auto") and (ckpt.schedule is not None) == (value == "auto")
     assert trainer.check_val_every_n_epoch == (1 if value == "auto" else value)
+
+
+def test_skipped_epochs_still_write_last_ckpt_when_its_minutes_passed(tmp_path: Path) -> None:
+    # checkpoint_minutes=0: every epoch end writes last.ckpt, validated or not
+    model = _Timed(0.005, 0.005)
+    sched = ValidationSchedule(budget=0.05, max_minutes=1.0, checkpoint_minutes=0.0)
+    ckpt = ZooCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val_loss", mode="min", save_last=True,
+                         background_writes=False, handle_signals=False)
+    ckpt.schedule = sched
+    writes = _LastWrites(ckpt)
+    trainer = pl.Trainer(max_epochs=6, limit_train_batches=4, limit_val_batches=2, callbacks=[sched, ckpt, writes],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         accelerator="cpu")
+    trainer.fit(model)
+    assert len(model.val_epochs) < 6 and writes.epochs == [0, 1, 2, 3, 4, 5], (model.val_epochs, writes.epochs)
+
+
+TINY = ["backbone=test_resnet", "model.input_size=[32,32]", "data.batch_size=16", "data.augment=[]",
+        "export_bundle=false", "trainer.enable_progress_bar=false", "data.num_workers=0",
+        "data.persistent_workers=false", "logger.names=[csv]", "callbacks.lr_monitor=false",
+        "data.shapes.num_train=96", "data.shapes.num_val=32", "data.shapes.image_size=96"]
+
+
+def test_train_reports_the_last_validation_when_best_is_the_final_state(tmp_path: Path, monkeypatch) -> None:
+    """best.ckpt is the final state (the monitor improves every validation): train() takes the last epoch's (final)
+    validation as its report, plots included, without validating the same weights again, and its metrics are what
+    evaluating best.ckpt gives. When the best is an earlier state, best.ckpt is validated as before."""
+    from zoo.evaluation import evaluate
+    from zoo.training import train
+
+    from tests.conftest import compose
+
+    calls: list = []
+    orig = pl.Trainer.validate
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("ckpt_path"))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "validate", spy)
+    ov = [*TINY, "trainer.max_epochs=2", "callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=max"]
+    res = train(compose("train", ov, output_dir=tmp_path / "up"))
+    assert calls == [], calls
+    assert res["metrics"]["val/top1"] >= 0 and "val/loss" in res["metrics"]
+    assert res.get("plots") and all(Path(p).is_file() for p in res["plots"])
+    assert any(Path(p).name == "confusion_matrix.png" for p in res["plots"])
+    ev_ov = ["data.num_workers=0", "data.persistent_workers=false", "trainer.enable_progress_bar=false", *TINY[-3:]]
+    ev = evaluate(compose("evaluate", [f"ckpt_path={res['best_ckpt']}", *ev_ov], output_dir=tmp_path / "ev"))
+    for k in ("val/top1", "val/loss"):
+        assert ev["metrics"][k] == pytest.approx(res["metrics"][k], abs=1e-5), k
+    # the best stays at epoch 0: best.ckpt is validated again, as without the schedule
+    ov[-1] = "callbacks.checkpoint.mode=min"
+    calls.clear()
+    res = train(compose("train", ov, output_dir=tmp_path / "flat"))
+    assert calls == [res["best_ckpt"]]

@@ -310,21 +310,28 @@ class ValidationSchedule(pl.Callback):
     but never so many that more than ``max_minutes`` of training pass between validations; an epoch longer than
     that always validates (large data keeps one validation per epoch). The first epoch of a fit and the last one
     (``max_epochs``, or the epoch that reaches ``max_steps``) always validate, so best.ckpt and the final metrics
-    see the finished model. An epoch that does not validate also writes no epoch-end ``last.ckpt`` (the
-    checkpoint callback asks :meth:`validates`): the work a crash can lose is bounded by ``max_minutes`` and by
-    ``callbacks.checkpoint.last_every_minutes``; SIGINT / SIGTERM still save at once. Early stopping's
-    ``patience`` counts validations, as always. Changes of ``n`` are logged.
+    see the finished model. The last epoch's validation is a *final* one (it writes the evaluators' plots and
+    sample grids, :func:`zoo.metrics.evaluators.is_final_validation`): when best.ckpt holds that same state,
+    ``train()`` reports it instead of validating the same weights a second time.
+
+    An epoch that does not validate writes its epoch-end ``last.ckpt`` only when ``checkpoint_minutes`` passed
+    since ``last.ckpt`` was last written (the checkpoint callback asks :meth:`writes_last`), so a crash loses at
+    most about that much training; SIGINT / SIGTERM still save at once. Early stopping's ``patience`` counts
+    validations, as always. Changes of ``n`` are logged.
 
     The schedule works by setting ``trainer.check_val_every_n_epoch`` at each epoch start (1 for an epoch that
     validates, ``epoch + 2`` for one that does not), which is what Lightning's loop reads.
     """
 
-    def __init__(self, budget: float = 0.05, max_minutes: float = 1.0) -> None:
-        if not 0 < float(budget) <= 1 or float(max_minutes) < 0:
-            raise ValueError(f"trainer.auto_val: budget must be in (0, 1] and max_minutes >= 0, got budget={budget}, "
-                             f"max_minutes={max_minutes}")
+    def __init__(self, budget: float = 0.05, max_minutes: float = 10.0, checkpoint_minutes: float = 1.0) -> None:
+        if not 0 < float(budget) <= 1 or float(max_minutes) < 0 or float(checkpoint_minutes) < 0:
+            raise ValueError(f"trainer.auto_val: budget must be in (0, 1], max_minutes and checkpoint_minutes >= 0, "
+                             f"got budget={budget}, max_minutes={max_minutes}, checkpoint_minutes={checkpoint_minutes}")
         self.budget = float(budget)
         self.max_seconds = float(max_minutes) * 60.0
+        self.checkpoint_seconds = float(checkpoint_minutes) * 60.0
+        #: global step of the fit's final validation (the last epoch's), ``None`` before it ran
+        self.final_step: int | None = None
         self.every = 1
         self._since = 0  # epochs trained since the last validation
         self._first: int | None = None
@@ -350,12 +357,18 @@ class ValidationSchedule(pl.Callback):
         """Whether the current epoch runs validation (decided at its start)."""
         return self._validating_epoch == int(trainer.current_epoch)
 
+    def writes_last(self, trainer: pl.Trainer, seconds_since_write: float) -> bool:
+        """Whether this epoch's end writes ``last.ckpt``: it validated, or ``checkpoint_minutes`` passed."""
+        return self.validates(trainer) or seconds_since_write >= self.checkpoint_seconds
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         e = int(trainer.current_epoch)
         if self._first is None:
             self._first = e
-        due = e == self._first or self._is_last_epoch(trainer) or self._since + 1 >= self.every
+        last = self._is_last_epoch(trainer)
+        due = e == self._first or last or self._since + 1 >= self.every
         self._validating_epoch = e if due else None
+        pl_module.final_fit_validation = bool(last)  # the evaluators write plots in that validation
         trainer.check_val_every_n_epoch = 1 if due else e + 2  # Lightning validates when (epoch + 1) % n == 0
         self._epoch_t0 = time.perf_counter()
         self._val_s = 0.0
@@ -369,6 +382,11 @@ class ValidationSchedule(pl.Callback):
             return
         self._val_s += time.perf_counter() - self._val_t0
         self._val_t0 = None
+        if getattr(pl_module, "final_fit_validation", False):
+            self.final_step = int(trainer.global_step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.final_fit_validation = False  # a later trainer.validate is final by itself
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         train_s = max(time.perf_counter() - self._epoch_t0 - self._val_s, 1e-6)

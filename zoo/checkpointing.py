@@ -304,8 +304,9 @@ class ZooCheckpoint(ModelCheckpoint):
             and loggers that upload checkpoints as they are saved, always write in the foreground).
 
     ``last.ckpt`` is written at every training epoch end whatever the monitored metric did (``save_last``; under
-    ``trainer.check_val_every_n_epoch=auto`` at every epoch end that validates, see
-    :class:`zoo.callbacks.ValidationSchedule`), and at the end of training. Every checkpoint is written to a temporary file and moved into place.
+    ``trainer.check_val_every_n_epoch=auto`` at every epoch end that validates and otherwise when
+    ``trainer.auto_val.checkpoint_minutes`` passed, see :class:`zoo.callbacks.ValidationSchedule`), and at the end
+    of training. Every checkpoint is written to a temporary file and moved into place.
     """
 
     def __init__(self, *args: Any, last_every_n_steps: int = 0, last_every_minutes: float = 0.0,
@@ -334,8 +335,10 @@ class ZooCheckpoint(ModelCheckpoint):
         self._writer: Any = None  # a one-thread ThreadPoolExecutor, made at the first background write
         self._jobs: list[tuple[Any, str]] = []  # (future, path) of writes not yet waited for
         self._pending_paths: set[str] = set()
-        #: a :class:`zoo.callbacks.ValidationSchedule`: epochs it skips write no epoch-end last.ckpt
+        #: a :class:`zoo.callbacks.ValidationSchedule`: epochs it skips write an epoch-end last.ckpt only when it says
         self.schedule: Any = None
+        #: global step at which each checkpoint file was last written ({path: step})
+        self.saved_steps: dict[str, int] = {}
 
     @property
     def state_key(self) -> str:
@@ -350,6 +353,7 @@ class ZooCheckpoint(ModelCheckpoint):
 
     # ------------------------------------------------------------------ writing
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        self.saved_steps[str(filepath)] = int(trainer.global_step)
         if not _is_local(filepath):
             super()._save_checkpoint(trainer, filepath)
             return
@@ -526,7 +530,8 @@ class ZooCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         # last.ckpt at every epoch end, unless it was just written after this epoch's last batch (validation end),
         # or the validation schedule (trainer.check_val_every_n_epoch=auto) skipped this epoch's validation
-        if self.schedule is not None and not self.schedule.validates(trainer):
+        if self.schedule is not None and not self.schedule.writes_last(trainer,
+                                                                       time.monotonic() - self._last_write_time):
             return
         if self.save_last and not _skip_saving(trainer) and not self._wrote_last_since_batch:
             self.write_last(trainer)

@@ -239,7 +239,9 @@ class AutoValConf:
     #: the share of training time validation may take (0.05: ~5%)
     budget: float = 0.05
     #: the most minutes of training between two validations (an epoch longer than this validates every time)
-    max_minutes: float = 1.0
+    max_minutes: float = 10.0
+    #: an epoch that skips validation still writes last.ckpt when this many minutes passed since its last write
+    checkpoint_minutes: float = 1.0
 
 
 @dataclass

@@ -175,7 +175,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
         if t.val_check_interval in (None, 1.0) and not t.fast_dev_run:  # mid-epoch validation keeps its schedule
             from zoo.callbacks import ValidationSchedule
 
-            schedule = ValidationSchedule(budget=float(t.auto_val.budget), max_minutes=float(t.auto_val.max_minutes))
+            schedule = ValidationSchedule(budget=float(t.auto_val.budget), max_minutes=float(t.auto_val.max_minutes),
+                                          checkpoint_minutes=float(t.auto_val.checkpoint_minutes))
             callbacks.append(schedule)
             ckpt_cb.schedule = schedule
     elif isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -318,6 +319,17 @@ def write_training_curves(trainer: Any, module: Any, out_dir: Path) -> Path | No
     return plots.plot_training_curves(history, out_dir / "plots" / "training_curves.png", metrics=(keys + extra)[:8])
 
 
+def final_validation_reusable(trainer: Any, ckpt_cb: Any, best: str | None) -> bool:
+    """Whether the fit's last validation can stand for the final evaluation of ``best``: the validation schedule
+    ran it as a final one (plots written) at the fit's last step, best.ckpt was written at that same step, and the
+    run is a single process (a multi-process fit re-validates)."""
+    schedule = getattr(ckpt_cb, "schedule", None)
+    if schedule is None or best is None or trainer.world_size != 1:
+        return False
+    step = int(trainer.global_step)
+    return schedule.final_step == step and ckpt_cb.saved_steps.get(str(best)) == step
+
+
 def _plots_of(report: Any) -> list[str]:
     """Every ``plots`` entry of an evaluation report (top level and per head)."""
     if not isinstance(report, dict):
@@ -415,8 +427,14 @@ def train(cfg: DictConfig, *, callbacks: list | None = None) -> dict[str, Any]:
         for c in trainer.callbacks:
             if isinstance(c, EpochSummary):
                 c.log_report = False  # the report's table is shown below, on the console and in the log
-        res = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
-        metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
+        if final_validation_reusable(trainer, ckpt_cb, best):
+            # best.ckpt is the state the last epoch's (final) validation just measured: its metrics, report and plots
+            # are those a second validation of best.ckpt would give
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            log.info("final metrics: the last epoch's validation (best.ckpt holds that state)")
+        else:
+            res = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+            metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
         report = dict(getattr(module, "last_eval_report", None) or {})
         result["metrics"] = metrics
         result["report"] = report

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from zoo.metrics.evaluators import Evaluator
+from zoo.metrics.evaluators import Evaluator, is_final_validation
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ class GenerationEvaluator(Evaluator):
         trainer = getattr(module, "_trainer", None)
         head = getattr(self, "_head", None)
         k = int(self.options.get("grid_per_category", 4))
-        if trainer is None or head is None or k <= 0 or not trainer.is_global_zero or trainer.sanity_checking:
-            return {}
-        if getattr(trainer.state.fn, "value", trainer.state.fn) != "validate":
+        if trainer is None or head is None or k <= 0 or not trainer.is_global_zero or not is_final_validation(module):
             return {}
         out = Path(self.options.get("output_dir") or trainer.default_root_dir) / "samples"
         files = write_sample_grids(head, out, per_category=k, steps=int(self.options.get("grid_steps", 15)),

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Evaluator", "ClassificationEvaluator", "CocoEvaluator", "SemanticEvaluator", "RetrievalEvaluator",
-    "evaluator_for", "iou_from_confusion", "batch_infos",
+    "evaluator_for", "iou_from_confusion", "batch_infos", "is_final_validation",
 ]
 
 
@@ -88,7 +88,7 @@ class Evaluator(nn.Module):
         trainer = getattr(module, "_trainer", None)
         if trainer is None or not self.options.get("plots", True) or not trainer.is_global_zero:
             return None
-        if getattr(trainer.state.fn, "value", trainer.state.fn) != "validate" or trainer.sanity_checking:
+        if not is_final_validation(module):
             return None
         from zoo import plots
 
@@ -101,6 +101,19 @@ class Evaluator(nn.Module):
     @property
     def class_names(self) -> list[str]:
         return list(getattr(self, "_names", []) or [])
+
+
+def is_final_validation(module: Any) -> bool:
+    """Whether the validation running now is a final one, which writes plots and sample grids: a
+    ``trainer.validate`` (the end of ``train.py``, ``evaluate.py``), or the last epoch's validation of a fit whose
+    validation schedule (:class:`zoo.callbacks.ValidationSchedule`) marked it so that ``train()`` can reuse it
+    instead of validating the same weights again."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or trainer.sanity_checking:
+        return False
+    if getattr(trainer.state.fn, "value", trainer.state.fn) == "validate":
+        return True
+    return bool(getattr(module, "final_fit_validation", False))
 
 
 def confusion_details(cm: torch.Tensor, names: list[str], what: str, iou: bool = False) -> dict[str, Any]:
