@@ -23,8 +23,10 @@ from zoo.training import train
 
 #: The 94 training images of SMALL_SHAPES in batches of 16 (last partial batch dropped): 5 steps per epoch.
 STEPS_PER_EPOCH = 5
+# a fixed schedule (validation and checkpoints every epoch): these tests are about the checkpoint mechanics; what the
+# auto schedule does to them is in tests/test_validation_schedule.py
 BASE = ["backbone=test_resnet", "model.input_size=[32,32]", *FAST, *SMALL_SHAPES, "data.batch_size=16",
-        "data.augment=[]", "export_bundle=false", "run_eval=false"]
+        "data.augment=[]", "export_bundle=false", "run_eval=false", "trainer.check_val_every_n_epoch=1"]
 
 
 def _ckpt(path: Path) -> dict:
@@ -72,9 +74,7 @@ def test_unwritable_checkpoint_folder_fails_before_training(where: str, tmp_path
 
 # ---------------------------------------------------------------------------------------------------- 2. last.ckpt
 def test_last_ckpt_is_written_every_epoch_and_every_n_steps(tmp_path: Path, monkeypatch) -> None:
-    """The monitor (epoch, mode=min) never improves after epoch 0: last.ckpt must still follow the run (a fixed
-    validation schedule: under check_val_every_n_epoch=auto, epochs that skip validation skip the epoch-end write,
-    tests/test_validation_schedule.py)."""
+    """The monitor (epoch, mode=min) never improves after epoch 0: last.ckpt must still follow the run."""
     from zoo.checkpointing import ZooCheckpoint
 
     written: list[int] = []
@@ -85,8 +85,8 @@ def test_last_ckpt_is_written_every_epoch_and_every_n_steps(tmp_path: Path, monk
         written.append(trainer.global_step)
 
     monkeypatch.setattr(ZooCheckpoint, "_save_last_checkpoint", spy)
-    ov = [*BASE, "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1", "callbacks.checkpoint.monitor=epoch",
-          "callbacks.checkpoint.mode=min", "callbacks.checkpoint.last_every_n_steps=4", "callbacks.checkpoint.last_every_minutes=0"]
+    ov = [*BASE, "trainer.max_epochs=3", "callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=min",
+          "callbacks.checkpoint.last_every_n_steps=4", "callbacks.checkpoint.last_every_minutes=0"]
     res = train(compose("train", ov, output_dir=tmp_path))
     final = 3 * STEPS_PER_EPOCH
     assert _ckpt(Path(res["last_ckpt"]))["global_step"] == final
@@ -160,8 +160,7 @@ def test_last_ckpt_written_right_after_best_is_the_same_file_not_a_second_serial
     """The monitor (epoch, mode=max) improves every epoch: from the second epoch on, last.ckpt written right after
     best.ckpt in the same hook is a link to those bytes (one serialisation per epoch, not two), and its content is
     what a fresh serialisation gives; in an epoch where the best does not move, last.ckpt is serialised. The same
-    with checkpoints written by the background thread and in the foreground. (Validation every epoch: the auto
-    schedule could skip the middle epoch's validation and its checkpoints.)"""
+    with checkpoints written by the background thread and in the foreground."""
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     saves: list[str] = []
@@ -172,9 +171,8 @@ def test_last_ckpt_written_right_after_best_is_the_same_file_not_a_second_serial
         return orig_save(self, checkpoint, path, storage_options)
 
     monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", spy)
-    ov = [*BASE, "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1", "callbacks.checkpoint.monitor=epoch",
-          "callbacks.checkpoint.mode=max", "callbacks.checkpoint.last_every_minutes=0",
-          f"callbacks.checkpoint.background_writes={background}"]
+    ov = [*BASE, "trainer.max_epochs=3", "callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=max",
+          "callbacks.checkpoint.last_every_minutes=0", f"callbacks.checkpoint.background_writes={background}"]
     res = train(compose("train", ov, output_dir=tmp_path))
     best, last = Path(res["best_ckpt"]), Path(res["last_ckpt"])
     assert best.stat().st_ino == last.stat().st_ino or best.read_bytes() == last.read_bytes()

@@ -59,7 +59,7 @@ class _LastWrites(pl.Callback):
 
 
 def _fit(tmp_path: Path, *, train_sleep: float, val_sleep: float, epochs: int, budget: float = 0.05,
-         max_minutes: float = 1.0):
+         max_minutes: float = 1.0, sanity: int = 0):
     model = _Timed(train_sleep, val_sleep)
     sched = ValidationSchedule(budget=budget, max_minutes=max_minutes)
     ckpt = ZooCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val_loss", mode="min", save_last=True,
@@ -68,7 +68,7 @@ def _fit(tmp_path: Path, *, train_sleep: float, val_sleep: float, epochs: int, b
     writes = _LastWrites(ckpt)  # after the checkpoint callback: sees this epoch's write
     trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=4, limit_val_batches=2, check_val_every_n_epoch=1,
                          callbacks=[sched, ckpt, writes], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+                         enable_model_summary=False, num_sanity_val_steps=sanity, accelerator="cpu")
     trainer.fit(model)
     return model, sched, writes, ckpt
 
@@ -83,6 +83,13 @@ def test_costly_validation_is_spaced_out_first_and_last_epochs_kept(tmp_path: Pa
     # last.ckpt is written at the epochs that validated (and at the end), not at the others
     assert set(writes.epochs) <= set(model.val_epochs), (writes.epochs, model.val_epochs)
     assert Path(ckpt.best_model_path).is_file() and Path(ckpt.last_path).is_file()
+
+
+def test_the_sanity_check_estimates_a_pass_so_even_the_first_epoch_can_skip(tmp_path: Path) -> None:
+    # 2 sanity batches time a pass (~10 ms) before training: already epoch 0 (20 ms) is too short to validate
+    model, sched, _, _ = _fit(tmp_path, train_sleep=0.005, val_sleep=0.005, epochs=14, sanity=2)
+    assert sched.pass_seconds is not None
+    assert model.val_epochs[0] > 0 and model.val_epochs[-1] == 13 and len(model.val_epochs) <= 3, model.val_epochs
 
 
 def test_cheap_validation_runs_every_epoch(tmp_path: Path) -> None:
@@ -171,8 +178,10 @@ def test_train_reports_the_last_validation_when_best_is_the_final_state(tmp_path
     ev = evaluate(compose("evaluate", [f"ckpt_path={res['best_ckpt']}", *ev_ov], output_dir=tmp_path / "ev"))
     for k in ("val/top1", "val/loss"):
         assert ev["metrics"][k] == pytest.approx(res["metrics"][k], abs=1e-5), k
-    # the best stays at epoch 0: best.ckpt is validated again, as without the schedule
+    # the best stays at epoch 0 (no sanity check: without its estimate the first epoch validates): best.ckpt is
+    # validated again, as without the schedule
     ov[-1] = "callbacks.checkpoint.mode=min"
+    ov.append("trainer.num_sanity_val_steps=0")
     calls.clear()
     res = train(compose("train", ov, output_dir=tmp_path / "flat"))
     assert calls == [res["best_ckpt"]]

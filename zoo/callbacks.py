@@ -305,22 +305,26 @@ class ValidationSchedule(pl.Callback):
     epoch of training, and every ``n``-th epoch when it is not, so that short epochs (a few hundred images) do not
     spend a large share of the run validating.
 
-    After each validation, ``n`` is the smallest whole number of epochs whose training time is at least
-    ``1 / budget`` times the measured validation pass (``budget`` 0.05: validation takes at most ~5% of the run),
-    but never so many that more than ``max_minutes`` of training pass between validations; an epoch longer than
-    that always validates (large data keeps one validation per epoch). The first epoch of a fit and the last one
-    (``max_epochs``, or the epoch that reaches ``max_steps``) always validate, so best.ckpt and the final metrics
-    see the finished model. The last epoch's validation is a *final* one (it writes the evaluators' plots and
-    sample grids, :func:`zoo.metrics.evaluators.is_final_validation`): when best.ckpt holds that same state,
-    ``train()`` reports it instead of validating the same weights a second time.
+    ``n`` is the smallest whole number of epochs whose training time is at least ``1 / budget`` times one
+    validation pass (``budget`` 0.05: validation takes at most ~5% of the run), but never so many that more than
+    ``max_minutes`` of training pass between validations; an epoch longer than that always validates (large data
+    keeps one validation per epoch). The cost of a pass is first estimated from the sanity check before training
+    (``trainer.num_sanity_val_steps`` batches, timed per batch and scaled to the whole validation set), then measured
+    by every real pass; the training time is that of the epoch running (the decision for an epoch is made at its
+    last batch, when Lightning asks whether to validate; streams without a length decide at the epoch start from
+    the previous epoch). Without an estimate (no sanity check), the first epoch validates. The last epoch
+    (``max_epochs``, or the one reaching ``max_steps``) always validates, so best.ckpt and the final metrics see the
+    finished model, and that validation is a *final* one (it writes the evaluators' plots and sample grids,
+    :func:`zoo.metrics.evaluators.is_final_validation`): when best.ckpt holds that same state, ``train()`` reports
+    it instead of validating the same weights a second time.
 
     An epoch that does not validate writes its epoch-end ``last.ckpt`` only when ``checkpoint_minutes`` passed
     since ``last.ckpt`` was last written (the checkpoint callback asks :meth:`writes_last`), so a crash loses at
     most about that much training; SIGINT / SIGTERM still save at once. Early stopping's ``patience`` counts
     validations, as always. Changes of ``n`` are logged.
 
-    The schedule works by setting ``trainer.check_val_every_n_epoch`` at each epoch start (1 for an epoch that
-    validates, ``epoch + 2`` for one that does not), which is what Lightning's loop reads.
+    The schedule works by setting ``trainer.check_val_every_n_epoch`` (1 for an epoch that validates, ``epoch + 2``
+    for one that does not), which is what Lightning's loop reads.
     """
 
     def __init__(self, budget: float = 0.05, max_minutes: float = 10.0, checkpoint_minutes: float = 1.0) -> None:
@@ -333,12 +337,13 @@ class ValidationSchedule(pl.Callback):
         #: global step of the fit's final validation (the last epoch's), ``None`` before it ran
         self.final_step: int | None = None
         self.every = 1
+        #: seconds of one validation pass: estimated from the sanity check, then measured; ``None`` before either
+        self.pass_seconds: float | None = None
         self._since = 0  # epochs trained since the last validation
-        self._first: int | None = None
         self._epoch_t0 = 0.0
+        self._train_s: float | None = None  # training time of the last finished epoch
         self._val_t0: float | None = None
         self._val_s = 0.0  # time of this epoch's validation
-        self._last_val_s: float | None = None
         self._validating_epoch: int | None = None
         self.validated_epochs: list[int] = []
 
@@ -353,25 +358,59 @@ class ValidationSchedule(pl.Callback):
                 return True
         return False
 
+    def _every(self, train_s: float | None) -> int:
+        """``n`` for an epoch of ``train_s`` seconds of training (1 without both figures)."""
+        if self.pass_seconds is None or not train_s or train_s <= 0:
+            return 1
+        n = max(1, math.ceil(self.pass_seconds / (self.budget * train_s)))
+        return max(1, min(n, int(self.max_seconds // train_s))) if self.max_seconds > 0 else 1
+
+    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, train_s: float | None,
+                final: bool = False) -> None:
+        e = int(trainer.current_epoch)
+        last = self._is_last_epoch(trainer)
+        n = self._every(train_s)
+        due = last or self.pass_seconds is None or self._since + 1 >= n
+        self._validating_epoch = e if due else None
+        pl_module.final_fit_validation = bool(last)  # the evaluators write plots in that validation
+        trainer.check_val_every_n_epoch = 1 if due else e + 2  # Lightning validates when (epoch + 1) % n == 0
+        if final and n != self.every and trainer.is_global_zero:
+            emit(f"validation: every {n} epoch{'s' if n > 1 else ''} from now on (a pass takes "
+                 f"{self.pass_seconds:.2f} s, an epoch's training {train_s:.2f} s; trainer.check_val_every_n_epoch="
+                 f"auto keeps validation near {self.budget:.0%} of the run, the last epoch validated; =1 validates "
+                 "every epoch)", console=False)
+        if final:
+            self.every = n
+
     def validates(self, trainer: pl.Trainer) -> bool:
-        """Whether the current epoch runs validation (decided at its start)."""
+        """Whether the current epoch runs validation (as decided so far)."""
         return self._validating_epoch == int(trainer.current_epoch)
 
     def writes_last(self, trainer: pl.Trainer, seconds_since_write: float) -> bool:
         """Whether this epoch's end writes ``last.ckpt``: it validated, or ``checkpoint_minutes`` passed."""
         return self.validates(trainer) or seconds_since_write >= self.checkpoint_seconds
 
+    # ------------------------------------------------------------------ hooks
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sanity_t0 = time.perf_counter()
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        done = sum(int(b) for b in (trainer.num_sanity_val_batches or []))
+        total = sum(float(b) for b in (trainer.num_val_batches or []))
+        if done > 0 and 0 < total < float("inf"):
+            self.pass_seconds = (time.perf_counter() - self._sanity_t0) / done * total
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        e = int(trainer.current_epoch)
-        if self._first is None:
-            self._first = e
-        last = self._is_last_epoch(trainer)
-        due = e == self._first or last or self._since + 1 >= self.every
-        self._validating_epoch = e if due else None
-        pl_module.final_fit_validation = bool(last)  # the evaluators write plots in that validation
-        trainer.check_val_every_n_epoch = 1 if due else e + 2  # Lightning validates when (epoch + 1) % n == 0
+        # provisional (the last batch decides); final for streams without a length
+        self._decide(trainer, pl_module, self._train_s, final=trainer.num_training_batches == float("inf"))
         self._epoch_t0 = time.perf_counter()
         self._val_s = 0.0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        n = trainer.num_training_batches
+        if n != float("inf") and batch_idx + 1 >= int(n):  # the last batch: decide with this epoch's own time
+            self._decide(trainer, pl_module, time.perf_counter() - self._epoch_t0, final=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -382,6 +421,7 @@ class ValidationSchedule(pl.Callback):
             return
         self._val_s += time.perf_counter() - self._val_t0
         self._val_t0 = None
+        self.pass_seconds = self._val_s
         if getattr(pl_module, "final_fit_validation", False):
             self.final_step = int(trainer.global_step)
 
@@ -389,24 +429,9 @@ class ValidationSchedule(pl.Callback):
         pl_module.final_fit_validation = False  # a later trainer.validate is final by itself
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        train_s = max(time.perf_counter() - self._epoch_t0 - self._val_s, 1e-6)
+        self._train_s = max(time.perf_counter() - self._epoch_t0 - self._val_s, 1e-6)
         if self._validating_epoch != int(trainer.current_epoch):
             self._since += 1
             return
         self._since = 0
         self.validated_epochs.append(int(trainer.current_epoch))
-        val_s = self._val_s
-        if val_s <= 0:
-            return
-        # smallest n with val_s <= budget * n * train_s, capped by the longest allowed gap between validations
-        n = max(1, math.ceil(val_s / (self.budget * train_s)))
-        if self.max_seconds > 0:
-            n = max(1, min(n, int(self.max_seconds // train_s)))
-        else:
-            n = 1
-        if n != self.every and trainer.is_global_zero:
-            emit(f"validation: every {n} epoch{'s' if n > 1 else ''} from now on (a pass takes {val_s:.2f} s, an "
-                 f"epoch's training {train_s:.2f} s; trainer.check_val_every_n_epoch=auto keeps validation near "
-                 f"{self.budget:.0%} of the run and the last epoch validated; =1 validates every epoch)",
-                 console=False)
-        self.every = n

@@ -268,7 +268,8 @@ class TrainerConf:
     deterministic: bool = False
     benchmark: Optional[bool] = None
     fast_dev_run: Any = False
-    num_sanity_val_steps: int = 0
+    #: validation batches run before training (a broken validation fails at once; the auto schedule times them)
+    num_sanity_val_steps: int = 2
     enable_progress_bar: bool = True
     sync_batchnorm: bool = False
     channels_last: bool = False
