@@ -78,8 +78,13 @@ def prompt_set(shapes: Sequence[str] | None = None, colors: Sequence[str] | None
     return out
 
 
-_REGIONS = {"left of": ((0.27, 0.5), (0.73, 0.5)), "right of": ((0.73, 0.5), (0.27, 0.5)),
-            "above": ((0.5, 0.27), (0.5, 0.73)), "below": ((0.5, 0.73), (0.5, 0.27))}
+def _regions() -> dict[str, tuple]:
+    """Centres (fractions of the side) of the first and second object of each relation: the halves the embedded
+    dataset's compositional layout places its related pairs in (:data:`zoo.data.shapes._HALVES`)."""
+    from zoo.data.shapes import _HALVES
+
+    (left, right), (top, bottom) = _HALVES
+    return {"left of": (left, right), "right of": (right, left), "above": (top, bottom), "below": (bottom, top)}
 
 
 def render_prompt(prompt: Prompt, *, image_size: int = 32, seed: int = 0, max_tries: int = 200) -> np.ndarray:
@@ -91,6 +96,7 @@ def render_prompt(prompt: Prompt, *, image_size: int = 32, seed: int = 0, max_tr
     from zoo.data.shapes import _background, _paint, _Placer, _random_color
 
     S = int(image_size)
+    regions = _regions()
     rng = np.random.default_rng([int(seed), 11])
     for _attempt in range(20):
         img = _background(rng, S)
@@ -102,7 +108,7 @@ def render_prompt(prompt: Prompt, *, image_size: int = 32, seed: int = 0, max_tr
             for _ in range(n):
                 centre = None
                 if prompt.relation is not None and k < 2:
-                    cx, cy = _REGIONS[prompt.relation][k]
+                    cx, cy = regions[prompt.relation][k]
                     centre = (cx * S + rng.uniform(-0.06, 0.06) * S, cy * S + rng.uniform(-0.06, 0.06) * S)
                 frac = (0.22, 0.3) if n > 1 else (0.3, 0.45) if prompt.relation or len(prompt.objects) > 1 \
                     else (0.35, 0.55)
