@@ -56,8 +56,10 @@ def _png(path: Path, min_size: tuple[int, int] = (100, 100)) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def cls_run(tmp_path_factory) -> dict:
+    # validation every epoch: these outputs are per validated epoch (the auto schedule may skip epoch 0's)
     return _train(tmp_path_factory.mktemp("out_cls"), ["experiment=shapes_cls", *TINY, "trainer.max_epochs=2",
-                                                       "callbacks.visualize=2", "logger.names=[csv,tensorboard]"])
+                                                       "trainer.check_val_every_n_epoch=1", "callbacks.visualize=2",
+                                                       "logger.names=[csv,tensorboard]"])
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,11 @@ DATA = ["data.shapes.num_train=400", "data.shapes.num_val=200", "data.shapes.ima
 @pytest.fixture(scope="module")
 def sim_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sim_run")
+    # validation every epoch, best of the 4 kept: with 200 held-out crops against 400 training ones the auto schedule
+    # validates only the last epoch, whose R@1 was 0.60 against 0.44 untrained in one run
     cfg = compose("train", ["experiment=shapes_sim", *FAST, *DATA, "model.input_size=[48,48]", "trainer.max_epochs=4",
-                            "data.batch_size=48", "model.embedding_dim=64"], output_dir=out)
+                            "trainer.check_val_every_n_epoch=1", "data.batch_size=48", "model.embedding_dim=64"],
+                  output_dir=out)
     return train(cfg)
 
 
