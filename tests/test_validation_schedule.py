@@ -185,3 +185,89 @@ def test_train_reports_the_last_validation_when_best_is_the_final_state(tmp_path
     calls.clear()
     res = train(compose("train", ov, output_dir=tmp_path / "flat"))
     assert calls == [res["best_ckpt"]]
+
+
+_DDP_SCRIPT = r'''
+import json, sys, time
+import lightning.pytorch as pl
+from lightning.pytorch.demos.boring_classes import BoringModel
+from zoo.callbacks import ValidationSchedule
+from zoo.checkpointing import ZooCheckpoint
+
+out = sys.argv[1]
+
+
+class Model(BoringModel):
+    """records the epochs it validated"""
+
+    def __init__(self):
+        super().__init__()
+        self.val_epochs = []
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.05)
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        self.log("val_loss", out["x"], sync_dist=True)  # a collective in every validation
+        return out
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.val_epochs.append(int(self.trainer.current_epoch))
+
+    def on_fit_end(self):
+        with open(f"{out}/rank{self.global_rank}.json", "w") as f:
+            json.dump(self.val_epochs, f)
+
+
+class SlowOnRank0(pl.Callback):
+    """rank 0's validation ends 0.3 s later than rank 1's, after the pass's last collective (so rank 1 does not wait
+    for it): on their own clocks rank 0 sees a costly validation and rank 1 a cheap one"""
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            time.sleep(0.3)
+
+
+if __name__ == "__main__":
+    sched = ValidationSchedule(budget=0.05, max_minutes=1.0, checkpoint_minutes=0.0005)
+    ckpt = ZooCheckpoint(dirpath=out, filename="best", monitor="val_loss", mode="min", save_last=True,
+                         background_writes=False, handle_signals=False)
+    ckpt.schedule = sched
+    trainer = pl.Trainer(max_epochs=8, limit_train_batches=4, limit_val_batches=2, check_val_every_n_epoch=1,
+                         callbacks=[SlowOnRank0(), sched, ckpt], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=2, strategy="ddp_spawn")
+    trainer.fit(Model())
+'''
+
+
+@pytest.mark.slow
+def test_ranks_validate_the_same_epochs_whatever_their_clocks(tmp_path: Path) -> None:
+    """Under DDP every rank must take the same decisions (validate this epoch, write last.ckpt at its end): the
+    decisions are rank 0's, broadcast. Here rank 0's validation ends later than rank 1's; on their own clocks
+    rank 0 would skip epochs that rank 1 validates, and the two would wait in different collectives (the CI run
+    that found this crashed with 'Connection reset by peer')."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "ddp_schedule.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                                     "MASTER_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=str(tmp_path), env=env,
+                              capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the two ranks hung (they waited in different collectives):\n{str(err.stderr)[-2000:]}")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == r1, (r0, r1)
+    assert r0[-1] == 7 and len(r0) < 8, r0  # rank 0's costly validation is spaced out, the last epoch validated
