@@ -323,6 +323,8 @@ class ValidationSchedule(pl.Callback):
     most about that much training; SIGINT / SIGTERM still save at once. Early stopping's ``patience`` counts
     validations, as always. Changes of ``n`` are logged.
 
+    With several processes every decision is rank 0's, broadcast, so all ranks validate and checkpoint together.
+
     The schedule works by setting ``trainer.check_val_every_n_epoch`` (1 for an epoch that validates, ``epoch + 2``
     for one that does not), which is what Lightning's loop reads.
     """
@@ -371,6 +373,10 @@ class ValidationSchedule(pl.Callback):
         last = self._is_last_epoch(trainer)
         n = self._every(train_s)
         due = last or self.pass_seconds is None or self._since + 1 >= n
+        if final and trainer.world_size > 1:
+            # every rank validates the same epochs: rank 0's clock decides (ranks measure slightly different times,
+            # and a rank validating alone would wait in other collectives than the rest)
+            due, n = trainer.strategy.broadcast((bool(due), int(n)), src=0)
         self._validating_epoch = e if due else None
         pl_module.final_fit_validation = bool(last)  # the evaluators write plots in that validation
         trainer.check_val_every_n_epoch = 1 if due else e + 2  # Lightning validates when (epoch + 1) % n == 0
@@ -387,8 +393,12 @@ class ValidationSchedule(pl.Callback):
         return self._validating_epoch == int(trainer.current_epoch)
 
     def writes_last(self, trainer: pl.Trainer, seconds_since_write: float) -> bool:
-        """Whether this epoch's end writes ``last.ckpt``: it validated, or ``checkpoint_minutes`` passed."""
-        return self.validates(trainer) or seconds_since_write >= self.checkpoint_seconds
+        """Whether this epoch's end writes ``last.ckpt``: it validated, or ``checkpoint_minutes`` passed (on rank 0's
+        clock, broadcast, so that every rank takes part in the same writes)."""
+        if self.validates(trainer):
+            return True
+        late = seconds_since_write >= self.checkpoint_seconds
+        return bool(trainer.strategy.broadcast(late, src=0)) if trainer.world_size > 1 else late
 
     # ------------------------------------------------------------------ hooks
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
