@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from zoo.checkpointing import rank_zero_decides
 from zoo.progress import emit, progress_logger  # noqa: F401  (re-exported)
 
 __all__ = ["Visualize", "draw_prediction", "EpochSummary", "ZooModelSummary", "emit", "progress_logger"]
@@ -373,10 +374,8 @@ class ValidationSchedule(pl.Callback):
         last = self._is_last_epoch(trainer)
         n = self._every(train_s)
         due = last or self.pass_seconds is None or self._since + 1 >= n
-        if final and trainer.world_size > 1:
-            # every rank validates the same epochs: rank 0's clock decides (ranks measure slightly different times,
-            # and a rank validating alone would wait in other collectives than the rest)
-            due, n = trainer.strategy.broadcast((bool(due), int(n)), src=0)
+        if final:  # every rank validates the same epochs
+            due, n = rank_zero_decides(trainer, (bool(due), int(n)))
         self._validating_epoch = e if due else None
         pl_module.final_fit_validation = bool(last)  # the evaluators write plots in that validation
         trainer.check_val_every_n_epoch = 1 if due else e + 2  # Lightning validates when (epoch + 1) % n == 0
@@ -395,10 +394,8 @@ class ValidationSchedule(pl.Callback):
     def writes_last(self, trainer: pl.Trainer, seconds_since_write: float) -> bool:
         """Whether this epoch's end writes ``last.ckpt``: it validated, or ``checkpoint_minutes`` passed (on rank 0's
         clock, broadcast, so that every rank takes part in the same writes)."""
-        if self.validates(trainer):
-            return True
         late = seconds_since_write >= self.checkpoint_seconds
-        return bool(trainer.strategy.broadcast(late, src=0)) if trainer.world_size > 1 else late
+        return self.validates(trainer) or bool(rank_zero_decides(trainer, late))
 
     # ------------------------------------------------------------------ hooks
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

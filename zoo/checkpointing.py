@@ -68,6 +68,13 @@ class NonFiniteLossError(FloatingPointError):
     """A training step produced a NaN/inf loss or gradients and ``callbacks.nonfinite=stop``."""
 
 
+def rank_zero_decides(trainer: Any, value: Any) -> Any:
+    """``value`` as rank 0 computed it, on every rank (a broadcast; the value itself with one process). For decisions
+    taken from a clock (write a checkpoint now? validate this epoch?): each rank's clock differs a little, and ranks
+    that decide differently wait in different collectives."""
+    return trainer.strategy.broadcast(value, src=0) if trainer.world_size > 1 else value
+
+
 # ---------------------------------------------------------------------------------------------------- run folder
 def _is_rank_zero_process() -> bool:
     """False in the extra processes a multi-process launcher starts (they share rank 0's run folder)."""
@@ -511,7 +518,7 @@ class ZooCheckpoint(ModelCheckpoint):
             # With several processes the clock is rank 0's, broadcast (every 10th step, to keep collectives rare).
             if not due and self.last_every_seconds > 0 and (trainer.world_size == 1 or step % 10 == 0):
                 late = time.monotonic() - self._last_write_time >= self.last_every_seconds
-                due = bool(trainer.strategy.broadcast(late) if trainer.world_size > 1 else late)
+                due = bool(rank_zero_decides(trainer, late))
             if due:
                 self.write_last(trainer)
         self._wrote_last_since_batch = False
