@@ -804,6 +804,41 @@ def test_shapes_vae_then_latent_t2i_experiments_train_and_load(tmp_path: Path) -
     assert imgs[0].shape == (64, 64, 3) and imgs[0].dtype == np.uint8
 
 
+def test_coco_captions_command_trains_on_real_photos_and_their_captions(tmp_path: Path, coco128: Path) -> None:
+    """The README's real-captions command, ``python train.py model=generation data=coco_captions data.root=<coco>``,
+    at a tiny size on 8 real coco128 photos with a ``captions_train2017.json`` written beside their instances json:
+    the run builds its vocabulary from that file's words (not the embedded dataset's), trains, and its bundle
+    generates."""
+    from tests.conftest import FAST, compose
+    from zoo.training import train
+
+    inst = json.loads((coco128 / "annotations" / "instances_train2017.json").read_text())
+    keep = sorted(im["id"] for im in inst["images"])[:8]
+    inst["images"] = [im for im in inst["images"] if im["id"] in keep]
+    inst["annotations"] = [a for a in inst["annotations"] if a["image_id"] in keep]
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    caps = {"images": inst["images"], "annotations": []}
+    for i, im in enumerate(inst["images"]):
+        objs = sorted({names[a["category_id"]] for a in inst["annotations"] if a["image_id"] == im["id"]})
+        text = f"a zoophoto of {' and '.join(objs) or 'nothing'}"
+        caps["annotations"] += [{"id": 2 * i, "image_id": im["id"], "caption": text},
+                                {"id": 2 * i + 1, "image_id": im["id"], "caption": "a second zoophoto caption"}]
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(inst))
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps(caps))
+    (root / "train2017").symlink_to(coco128 / "train2017")
+    run = train(compose("train", ["model=generation", "data=coco_captions", f"data.root={root}", *FAST,
+                                  "data.batch_size=4", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
+                                  "scheduler.warmup_epochs=0", "model.heads.gen.channels=[16,32]",
+                                  "model.heads.gen.steps=2"], output_dir=tmp_path / "run"))
+    g = zoo.load(run["bundle"])
+    vocab = set(g.spec.heads["gen"]["vocab"])
+    assert {"zoophoto", "person", "of"} <= vocab and "star" not in vocab, sorted(vocab)[:20]
+    imgs = zoo.Generator(g)(["a zoophoto of person"], steps=2, seed=0)
+    assert imgs[0].shape == (32, 32, 3) and imgs[0].dtype == np.uint8
+
+
 def test_geneval_command_writes_the_table_the_report_and_fid(tmp_path: Path) -> None:
     """``python -m zoo.generation.evaluate ckpt_path=<bundle> ...`` at a tiny size: the per-category table with the
     real-image ceiling and the untrained column, FID / KID in a zoo backbone's feature space, geneval.json."""
