@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from zoo.callbacks import ValidationSchedule
@@ -38,11 +39,11 @@ class _Timed(BoringModel):
 
 
 class _LastWrites(pl.Callback):
-    """Records the epochs at whose end last.ckpt was (re)written (looked at when the next epoch starts and when
-    training ends: Lightning runs checkpoint callbacks after every other callback)."""
+    """Records the epochs at whose end last.ckpt was (re)written, and those where best.ckpt was (looked at when the
+    next epoch starts and when training ends: Lightning runs checkpoint callbacks after every other callback)."""
 
     def __init__(self, ckpt: ZooCheckpoint) -> None:
-        self.ckpt, self.epochs, self._m = ckpt, [], None
+        self.ckpt, self.epochs, self.best_epochs, self._m, self._b = ckpt, [], [], None, None
 
     def _look(self, epoch: int) -> None:
         p = Path(self.ckpt.last_path)
@@ -50,6 +51,10 @@ class _LastWrites(pl.Callback):
         if m != self._m:
             self.epochs.append(epoch)
         self._m = m
+        b = self.ckpt.saved_steps.get(str(self.ckpt.best_model_path))
+        if b is not None and b != self._b:
+            self.best_epochs.append(epoch)
+        self._b = b
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._look(int(trainer.current_epoch) - 1)
@@ -93,10 +98,11 @@ def test_the_sanity_check_estimates_a_pass_so_even_the_first_epoch_can_skip(tmp_
 
 
 def test_cheap_validation_runs_every_epoch(tmp_path: Path) -> None:
-    # validation next to nothing (no sleep) against 4 x 20 ms of training: every epoch, last.ckpt every epoch
-    model, sched, writes, _ = _fit(tmp_path, train_sleep=0.02, val_sleep=0.0, epochs=5, budget=0.5)
+    # validation next to nothing (no sleep) against 4 x 50 ms of training: every epoch; last.ckpt at every epoch
+    # whose validation improved best.ckpt (a link to it) and at the end
+    model, sched, writes, _ = _fit(tmp_path, train_sleep=0.05, val_sleep=0.0, epochs=5, budget=1.0)
     assert model.val_epochs == [0, 1, 2, 3, 4] and sched.every == 1
-    assert writes.epochs == [0, 1, 2, 3, 4], writes.epochs
+    assert writes.best_epochs[0] == 0 and writes.epochs == sorted({*writes.best_epochs, 4}), writes.__dict__
 
 
 def test_the_longest_gap_between_validations_is_bounded(tmp_path: Path) -> None:
@@ -271,3 +277,35 @@ def test_ranks_validate_the_same_epochs_whatever_their_clocks(tmp_path: Path) ->
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0 == r1, (r0, r1)
     assert r0[-1] == 7 and len(r0) < 8, r0  # rank 0's costly validation is spaced out, the last epoch validated
+
+
+def test_validations_that_do_not_improve_best_write_last_ckpt_only_when_its_minutes_passed(tmp_path: Path) -> None:
+    """Under the schedule, last.ckpt after a validation that did not improve best.ckpt is a full write of the state
+    (after an improving one it is a link to best.ckpt): it follows the checkpoint_minutes rule that skipped epochs
+    follow, and the end of training still writes it."""
+    model = _Timed(0.05, 0.0)  # validation cheap next to training: every epoch validates
+    sched = ValidationSchedule(budget=1.0, max_minutes=1.0, checkpoint_minutes=1.0)
+    # mode=max on a falling val_loss: only the first validation improves the monitored value
+    ckpt = ZooCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val_loss", mode="max", save_last=True,
+                         background_writes=False, handle_signals=False)
+    ckpt.schedule = sched
+    writes = _LastWrites(ckpt)
+    trainer = pl.Trainer(max_epochs=5, limit_train_batches=4, limit_val_batches=2, callbacks=[sched, ckpt, writes],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         accelerator="cpu")
+    trainer.fit(model)
+    assert model.val_epochs == [0, 1, 2, 3, 4]
+    assert ckpt.saved_steps[ckpt.best_model_path] == 4  # best.ckpt: epoch 0's state
+    assert writes.epochs == [0, 4], writes.epochs
+    last = torch.load(ckpt.last_path, weights_only=False, map_location="cpu")
+    assert last["global_step"] == 20  # the finished state (written at the end of training)
+    # checkpoint_minutes=0: every validation writes last.ckpt again
+    sched0 = ValidationSchedule(budget=1.0, max_minutes=1.0, checkpoint_minutes=0.0)
+    ckpt0 = ZooCheckpoint(dirpath=str(tmp_path / "b"), filename="best", monitor="val_loss", mode="max",
+                          save_last=True, background_writes=False, handle_signals=False)
+    ckpt0.schedule = sched0
+    writes0 = _LastWrites(ckpt0)
+    pl.Trainer(max_epochs=5, limit_train_batches=4, limit_val_batches=2, callbacks=[sched0, ckpt0, writes0],
+               logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+               accelerator="cpu").fit(_Timed(0.05, 0.0))
+    assert writes0.epochs == [0, 1, 2, 3, 4], writes0.epochs

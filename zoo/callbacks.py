@@ -319,9 +319,11 @@ class ValidationSchedule(pl.Callback):
     :func:`zoo.metrics.evaluators.is_final_validation`): when best.ckpt holds that same state, ``train()`` reports
     it instead of validating the same weights a second time.
 
-    An epoch that does not validate writes its epoch-end ``last.ckpt`` only when ``checkpoint_minutes`` passed
-    since ``last.ckpt`` was last written (the checkpoint callback asks :meth:`writes_last`), so a crash loses at
-    most about that much training; SIGINT / SIGTERM still save at once. Early stopping's ``patience`` counts
+    An epoch that does not validate, or whose validation did not improve best.ckpt, writes ``last.ckpt`` only when
+    ``checkpoint_minutes`` passed since ``last.ckpt`` was last written (the checkpoint callback asks
+    :meth:`writes_last`), so a crash loses at most about that much training and short runs skip the full writes of
+    the state that no one reads; an improving validation's last.ckpt is a link to best.ckpt; the end of training
+    always writes it; SIGINT / SIGTERM still save at once. Early stopping's ``patience`` counts
     validations, as always. Changes of ``n`` are logged.
 
     With several processes every decision is rank 0's, broadcast, so all ranks validate and checkpoint together.
@@ -391,11 +393,12 @@ class ValidationSchedule(pl.Callback):
         """Whether the current epoch runs validation (as decided so far)."""
         return self._validating_epoch == int(trainer.current_epoch)
 
-    def writes_last(self, trainer: pl.Trainer, seconds_since_write: float) -> bool:
-        """Whether this epoch's end writes ``last.ckpt``: it validated, or ``checkpoint_minutes`` passed (on rank 0's
-        clock, broadcast, so that every rank takes part in the same writes)."""
+    def writes_last(self, trainer: pl.Trainer, seconds_since_write: float, *, best_written: bool = False) -> bool:
+        """Whether ``last.ckpt`` is written now (at a validation end or an epoch end): best.ckpt was just written at
+        this step (``best_written``: last.ckpt is then a link to that file), or ``checkpoint_minutes`` passed since
+        the last write (on rank 0's clock, broadcast, so that every rank takes part in the same writes)."""
         late = seconds_since_write >= self.checkpoint_seconds
-        return self.validates(trainer) or bool(rank_zero_decides(trainer, late))
+        return bool(rank_zero_decides(trainer, late)) or best_written
 
     # ------------------------------------------------------------------ hooks
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

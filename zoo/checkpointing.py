@@ -311,9 +311,9 @@ class ZooCheckpoint(ModelCheckpoint):
             and loggers that upload checkpoints as they are saved, always write in the foreground).
 
     ``last.ckpt`` is written at every training epoch end whatever the monitored metric did (``save_last``; under
-    ``trainer.check_val_every_n_epoch=auto`` at every epoch end that validates and otherwise when
-    ``trainer.auto_val.checkpoint_minutes`` passed, see :class:`zoo.callbacks.ValidationSchedule`), and at the end
-    of training. Every checkpoint is written to a temporary file and moved into place.
+    ``trainer.check_val_every_n_epoch=auto`` at every epoch end whose validation wrote best.ckpt, where last.ckpt is
+    a link to it, and otherwise when ``trainer.auto_val.checkpoint_minutes`` passed, see
+    :class:`zoo.callbacks.ValidationSchedule`), and at the end of training. Every checkpoint is written to a temporary file and moved into place.
     """
 
     def __init__(self, *args: Any, last_every_n_steps: int = 0, last_every_minutes: float = 0.0,
@@ -338,6 +338,7 @@ class ZooCheckpoint(ModelCheckpoint):
         self._flag_group: Any = None
         self._just_written: tuple | None = None
         self._linking = False
+        self._forced = False  # write_last: last.ckpt now, whatever the schedule says
         self.background_writes = bool(background_writes)
         self._writer: Any = None  # a one-thread ThreadPoolExecutor, made at the first background write
         self._jobs: list[tuple[Any, str]] = []  # (future, path) of writes not yet waited for
@@ -463,8 +464,19 @@ class ZooCheckpoint(ModelCheckpoint):
         self._just_written = None
         super()._save_topk_checkpoint(trainer, monitor_candidates)
 
+    def _last_due(self, trainer: Any) -> bool:
+        """Under the validation schedule, whether an epoch-end or validation-end ``last.ckpt`` is due: best.ckpt was
+        written at this step (last.ckpt is then a link to it, nearly free), or ``checkpoint_minutes`` passed since
+        last.ckpt was written (a full write of the state). Without the schedule, always."""
+        if self.schedule is None:
+            return True
+        best_now = self.saved_steps.get(str(self.best_model_path)) == trainer.global_step
+        return self.schedule.writes_last(trainer, time.monotonic() - self._last_write_time, best_written=best_now)
+
     def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict) -> None:
         if not self.save_last:
+            return
+        if not self._forced and not self._last_due(trainer):
             return
         self._linking = True  # only here, right after the top-k save of the same hook call, may a write be a link
         try:
@@ -482,7 +494,11 @@ class ZooCheckpoint(ModelCheckpoint):
             return None
         keep = self._last_global_step_saved  # a last.ckpt write must not block the best-checkpoint save of this step
         if self.save_last:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._forced = True
+            try:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            finally:
+                self._forced = False
         else:
             self.last_model_path = self.last_path
             self._save_checkpoint(trainer, self.last_path)
@@ -536,11 +552,8 @@ class ZooCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         # last.ckpt at every epoch end, unless it was just written after this epoch's last batch (validation end),
-        # or the validation schedule (trainer.check_val_every_n_epoch=auto) skipped this epoch's validation
-        if self.schedule is not None and not self.schedule.writes_last(trainer,
-                                                                       time.monotonic() - self._last_write_time):
-            return
-        if self.save_last and not _skip_saving(trainer) and not self._wrote_last_since_batch:
+        # or the validation schedule (trainer.check_val_every_n_epoch=auto) says it is not due (see _last_due)
+        if self.save_last and not _skip_saving(trainer) and not self._wrote_last_since_batch and self._last_due(trainer):
             self.write_last(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
