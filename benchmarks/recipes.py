@@ -14,7 +14,7 @@ Sides per seed: ``plain`` (a hand-written loop: torchvision's ImageFolder / mask
 AdamW lr 1e-3 wd 0.05 with a per-step cosine schedule, cross-entropy; the metric of the last epoch) and each zoo
 variant through :func:`zoo.training.train` as ``python train.py data=image_folder data.root=<photos>`` runs it
 (the metric of the last epoch from the run's metrics.csv, not of the best checkpoint: no selection on the
-validation set). Wall time beside each. Writes ``benchmarks/results/recipes.md`` / ``.json``.
+validation set). Wall time beside each. Writes ``benchmarks/results/recipes_<task>.md`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--size", type=int, default=None, help="override the task's image size (the tests: a tiny one)")
     ap.add_argument("--variant", action="append", default=None,
                     help="name=override[;override...] (repeatable); default: the zoo default recipe only")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipes"))
+    ap.add_argument("--out", default=None, help="results path without suffix; default: "
+                    "benchmarks/results/recipes_<task> (.md and .json)")
     ap.add_argument("--work", default=None)
     args = ap.parse_args(argv)
     if not (SHARED / "coco128" / "annotations").is_dir():
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      f"{t / base_t:.2f}x | {' '.join(variants.get(name, [])) or '-'} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"recipes_{args.task}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"settings": s, "seeds": seeds, "rows": rows, "constant": floor,
                                                     "variants": variants}, indent=2))
