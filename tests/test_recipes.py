@@ -86,3 +86,18 @@ def test_recipe_group_follows_the_model_group_and_recipe_none_turns_it_off() -> 
         default = compose("train", [f"model={model}"])
         if not (Path(CONF) / "recipe" / f"{model}.yaml").is_file():
             assert plain == default  # no measured recipe yet: the model group's own defaults
+
+
+def test_own_masks_get_the_measured_semantic_recipe_and_recipe_none_drops_its_loss_term() -> None:
+    """``model=semantic data=mask_folder`` with no other option trains with scale jitter and the dice term measured
+    in ``benchmarks/results/recipes_sem.md``; ``recipe=none`` keeps the data group's jitter but not the dice term."""
+    base = ["model=semantic", "data=mask_folder", "data.root=/nowhere"]
+    cfg = compose("train", base)
+    assert [op["type"] for op in cfg.data.augment] == ["RandomResizedCrop", "HorizontalFlip"]
+    assert list(cfg.data.augment[0]["scale"]) == [0.5, 1.0]
+    assert cfg.model.heads.seg.dice_weight == 1.0 and cfg.model.heads.seg.channels == 128
+    plain = compose("train", [*base, "recipe=none"])
+    assert "dice_weight" not in plain.model.heads.seg
+    assert [op["type"] for op in plain.data.augment] == ["RandomResizedCrop", "HorizontalFlip"]
+    # an explicit command-line choice still wins over the recipe
+    assert compose("train", [*base, "model.heads.seg.dice_weight=0.0"]).model.heads.seg.dice_weight == 0.0
