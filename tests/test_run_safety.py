@@ -154,6 +154,48 @@ def test_failed_background_checkpoint_write_is_raised_and_keeps_the_previous_fil
     assert _ckpt(last)["global_step"] == STEPS_PER_EPOCH
 
 
+def test_the_final_last_ckpt_is_written_during_the_final_evaluation_and_complete_when_train_returns(
+        tmp_path: Path, monkeypatch) -> None:
+    """The end of fitting waits for best.ckpt (the final evaluation reads it) but not for the final last.ckpt,
+    whose (slowed) write goes on while best.ckpt is validated; train() returns only once it is on disk, holding the
+    finished step. A failure of that last write is raised by train()."""
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    orig_save = TorchCheckpointIO.save_checkpoint
+    events: list[tuple[str, float]] = []
+
+    def slow_last(self, checkpoint, path, storage_options=None):
+        if Path(path).name == ".last.ckpt.tmp" and checkpoint["global_step"] == 3 * STEPS_PER_EPOCH:
+            time.sleep(1.0)
+            events.append(("last written", time.monotonic()))
+        return orig_save(self, checkpoint, path, storage_options)
+
+    class FitEnd(pl.Callback):
+        def on_fit_end(self, trainer, pl_module) -> None:
+            events.append(("fit end", time.monotonic()))
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", slow_last)
+    # mode=min on the epoch: best.ckpt stays epoch 0's, so the end writes last.ckpt in full and validates best.ckpt
+    ov = [*BASE, "trainer.max_epochs=3", "callbacks.checkpoint.monitor=epoch", "callbacks.checkpoint.mode=min",
+          "callbacks.checkpoint.last_every_minutes=0", "run_eval=true"]
+    res = train(compose("train", ov, output_dir=tmp_path), callbacks=[FitEnd()])
+    assert [e for e, _ in events] == ["fit end", "last written"], events
+    assert _ckpt(Path(res["last_ckpt"]))["global_step"] == 3 * STEPS_PER_EPOCH
+    assert _ckpt(Path(res["best_ckpt"]))["global_step"] == STEPS_PER_EPOCH and res["metrics"]
+    assert not list(Path(res["last_ckpt"]).parent.glob(".*.tmp"))
+
+    def full_disk(self, checkpoint, path, storage_options=None):
+        if Path(path).name == ".last.ckpt.tmp" and checkpoint["global_step"] == 3 * STEPS_PER_EPOCH:
+            raise OSError(28, "No space left on device")
+        return orig_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full_disk)
+    with pytest.raises(OSError, match=r"writing the checkpoint .*last\.ckpt failed: .*No space left"):
+        train(compose("train", ov, output_dir=tmp_path / "full"))
+    assert _ckpt(tmp_path / "full" / "checkpoints" / "last.ckpt")["global_step"] == 2 * STEPS_PER_EPOCH
+
+
 @pytest.mark.parametrize("background", [True, False])
 def test_last_ckpt_written_right_after_best_is_the_same_file_not_a_second_serialisation(tmp_path: Path, monkeypatch,
                                                                                         background: bool) -> None:

@@ -1,5 +1,5 @@
 """``trainer.check_val_every_n_epoch=auto`` (zoo.callbacks.ValidationSchedule): validation paced by its measured
-cost, the first and last epochs always validated, no epoch-end last.ckpt on skipped epochs, fixed integers kept."""
+cost, the last epoch always validated (the first without a sanity check's estimate), no epoch-end last.ckpt on skipped epochs, fixed integers kept."""
 
 from __future__ import annotations
 
@@ -309,3 +309,34 @@ def test_validations_that_do_not_improve_best_write_last_ckpt_only_when_its_minu
                logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                accelerator="cpu").fit(_Timed(0.05, 0.0))
     assert writes0.epochs == [0, 1, 2, 3, 4], writes0.epochs
+
+
+class _Flat(_Timed):
+    """Logs the same ``val_score`` at every validation: each one ties the best so far."""
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        self.log("val_score", 0.5)
+        return out
+
+
+@pytest.mark.parametrize("on_tie, best_step", [("later", 12), ("earlier", 4)])
+def test_a_validation_that_ties_the_best_moves_best_ckpt_to_the_later_state(tmp_path: Path, on_tie: str,
+                                                                            best_step: int) -> None:
+    """A tie with the best score goes to the later state by default (as good on the validation set, after more
+    training), so a run whose last validation ties its best ends with best.ckpt = the final state and train()
+    reports that validation instead of validating best.ckpt again; ``on_tie=earlier`` keeps the first one."""
+    ckpt = ZooCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val_score", mode="max", save_last=True,
+                         background_writes=False, handle_signals=False, on_tie=on_tie)
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=2, callbacks=[ckpt], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         accelerator="cpu")
+    trainer.fit(_Flat(0.0, 0.0))
+    assert ckpt.saved_steps[ckpt.best_model_path] == best_step
+    assert float(ckpt.best_model_score) == 0.5
+    assert torch.load(ckpt.best_model_path, weights_only=False, map_location="cpu")["global_step"] == best_step
+
+
+def test_on_tie_is_checked_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="on_tie"):
+        ZooCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val_score", mode="max", on_tie="first")

@@ -307,7 +307,7 @@ class ValidationSchedule(pl.Callback):
     spend a large share of the run validating.
 
     ``n`` is the smallest whole number of epochs whose training time is at least ``1 / budget`` times one
-    validation pass (``budget`` 0.05: validation takes at most ~5% of the run), but never so many that more than
+    validation pass (``budget`` 0.02: validation takes at most ~2% of the run), but never so many that more than
     ``max_minutes`` of training pass between validations; an epoch longer than that always validates (large data
     keeps one validation per epoch). The cost of a pass is first estimated from the sanity check before training
     (``trainer.num_sanity_val_steps`` batches, timed per batch and scaled to the whole validation set), then measured
@@ -332,7 +332,7 @@ class ValidationSchedule(pl.Callback):
     for one that does not), which is what Lightning's loop reads.
     """
 
-    def __init__(self, budget: float = 0.05, max_minutes: float = 10.0, checkpoint_minutes: float = 1.0) -> None:
+    def __init__(self, budget: float = 0.02, max_minutes: float = 10.0, checkpoint_minutes: float = 1.0) -> None:
         if not 0 < float(budget) <= 1 or float(max_minutes) < 0 or float(checkpoint_minutes) < 0:
             raise ValueError(f"trainer.auto_val: budget must be in (0, 1], max_minutes and checkpoint_minutes >= 0, "
                              f"got budget={budget}, max_minutes={max_minutes}, checkpoint_minutes={checkpoint_minutes}")

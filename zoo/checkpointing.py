@@ -306,9 +306,15 @@ class ZooCheckpoint(ModelCheckpoint):
         background_writes: in a single-process run, serialise and write checkpoints in a background thread from a
             copy of the state taken at the step (one write in flight at a time, so at most one extra copy of the
             state in memory); training waits for nothing but the copy. Every file is complete before fitting
-            returns, before a checkpoint is removed and before an interrupted run exits; a failed write is raised
+            returns (under ``train()``: all but the final last.ckpt, which is written during the final evaluation
+            and joined before ``train()`` returns, see ``finish_last_after_fit``), before a checkpoint is removed
+            and before an interrupted run exits; a failed write is raised
             at the next checkpoint or at the end of fitting. Off: every write blocks the step (several processes,
             and loggers that upload checkpoints as they are saved, always write in the foreground).
+        on_tie: ``later`` (default): a validation that ties the kept checkpoint's score replaces it, since that state is
+            as good on the validation set after more training (a run whose last validation ties its best then ends
+            with best.ckpt = the final state, whose validation ``train()`` reports without a second pass);
+            ``earlier``: only a strictly better score replaces it (Lightning's rule).
 
     ``last.ckpt`` is written at every training epoch end whatever the monitored metric did (``save_last``; under
     ``trainer.check_val_every_n_epoch=auto`` at every epoch end whose validation wrote best.ckpt, where last.ckpt is
@@ -318,8 +324,11 @@ class ZooCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, last_every_n_steps: int = 0, last_every_minutes: float = 0.0,
                  handle_signals: bool = True, run_dir: str | Path | None = None, background_writes: bool = True,
-                 **kwargs: Any) -> None:
+                 on_tie: str = "later", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if on_tie not in ("later", "earlier"):
+            raise ValueError(f"callbacks.checkpoint.on_tie must be 'later' or 'earlier', got {on_tie!r}")
+        self.on_tie = on_tie
         if last_every_n_steps < 0 or last_every_minutes < 0:
             raise ValueError("callbacks.checkpoint.last_every_n_steps and last_every_minutes must be >= 0 "
                              f"(0: off), got {last_every_n_steps} and {last_every_minutes}")
@@ -340,6 +349,10 @@ class ZooCheckpoint(ModelCheckpoint):
         self._linking = False
         self._forced = False  # write_last: last.ckpt now, whatever the schedule says
         self.background_writes = bool(background_writes)
+        #: set by :func:`zoo.training.train`: the end of fitting waits for every write but the final last.ckpt's,
+        #: which goes on during the final evaluation and export; :meth:`finish_writes` joins it (train() does, before
+        #: it returns). Off (a plain ``trainer.fit``): fit returns with every file on disk.
+        self.finish_last_after_fit = False
         self._writer: Any = None  # a one-thread ThreadPoolExecutor, made at the first background write
         self._jobs: list[tuple[Any, str]] = []  # (future, path) of writes not yet waited for
         self._pending_paths: set[str] = set()
@@ -437,6 +450,19 @@ class ZooCheckpoint(ModelCheckpoint):
         self._wait_for_writes()  # never remove a file that a queued write is about to create or replace
         super()._remove_checkpoint(trainer, filepath)
 
+    def _wait_for_all_but_last(self) -> None:
+        """Block until every queued write except those of last.ckpt is on disk (best.ckpt can then be read)."""
+        last = self.last_path
+        pending = [(f, p) for f, p in self._jobs if p != last]
+        for fut, _ in pending:
+            fut.exception()  # waits; the error itself is raised below
+        self._raise_failed_writes()  # the finished ones, failures first
+
+    def finish_writes(self) -> None:
+        """Wait for every background write (the final last.ckpt's included) and stop the writer thread; raises the
+        first failed write."""
+        self._shutdown_writer()
+
     def _shutdown_writer(self) -> None:
         try:
             self._wait_for_writes()
@@ -459,6 +485,14 @@ class ZooCheckpoint(ModelCheckpoint):
                 os.path.isfile(path) or path in self._pending_paths):
             return None
         return path if state == self._state_snapshot() else None
+
+    def check_monitor_top_k(self, trainer: Any, current: torch.Tensor | None = None) -> bool:
+        if self.on_tie == "earlier" or current is None or self.save_top_k in (-1, 0) or \
+                len(self.best_k_models) < self.save_top_k:
+            return super().check_monitor_top_k(trainer, current)
+        op = torch.ge if self.mode == "max" else torch.le  # a tie with the k-th kept score goes to the later state
+        better = bool(op(current, self.best_k_models[self.kth_best_model_path]))
+        return bool(trainer.strategy.reduce_boolean_decision(better))
 
     def _save_topk_checkpoint(self, trainer: Any, monitor_candidates: dict) -> None:
         self._just_written = None
@@ -561,12 +595,18 @@ class ZooCheckpoint(ModelCheckpoint):
         if self.save_last and not _skip_saving(trainer) and trainer.global_step != self._last_write_step:
             self.write_last(trainer)
         self._restore_signal_handlers()
-        self._shutdown_writer()  # fit returns with every checkpoint on disk (the final evaluation reads best.ckpt)
+        if self.finish_last_after_fit:
+            self._wait_for_all_but_last()  # best.ckpt is on disk for the final evaluation; last.ckpt may still go on
+        else:
+            self._shutdown_writer()  # fit returns with every checkpoint on disk
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore_signal_handlers()
         try:
-            self._shutdown_writer()
+            if stage == "fit" and self.finish_last_after_fit:
+                self._wait_for_all_but_last()
+            else:
+                self._shutdown_writer()
         finally:
             super().teardown(trainer, pl_module, stage)
 
@@ -952,11 +992,10 @@ class NonFiniteGuard(Callback):
             what = f"loss {bad_loss}"
         elif params and getattr(trainer.precision_plugin, "scaler", None) is None:
             grads = [p.grad.detach() for p in params]
-            try:
-                norms = torch._foreach_norm(grads)
-            except (AttributeError, RuntimeError):
-                norms = [torch.linalg.vector_norm(g) for g in grads]
-            total = torch.stack([n.float().to(grads[0].device) for n in norms]).sum()
+            # a NaN or inf anywhere makes the sum non-finite: cheaper than norms (measured 1.0 against 1.8 ms a step
+            # for resnet18 on 2 cores), and no squares that overflow for large finite gradients
+            dev = grads[0].device
+            total = torch.stack([g.sum(dtype=torch.float32).to(dev) for g in grads]).sum()
             if not bool(torch.isfinite(total)):
                 what = "gradients"
         bad = trainer.strategy.reduce_boolean_decision(what is not None, all=False)
@@ -994,7 +1033,8 @@ def build_run_callbacks(cfg: Any, out_dir: Path, *, monitor: str, mode: str) -> 
                             last_every_n_steps=int(ck.get("last_every_n_steps") or 0),
                             last_every_minutes=float(ck.get("last_every_minutes") or 0.0),
                             handle_signals=bool(ck.get("handle_signals", True)), run_dir=out_dir,
-                            background_writes=bool(ck.get("background_writes", True)))
+                            background_writes=bool(ck.get("background_writes", True)),
+                            on_tie=str(ck.get("on_tie") or "later"))
     extra: list[Callback] = [ResumableTrainData(seed=int(OmegaConf.select(cfg, "seed", default=0) or 0))]
     action = str(c.get("nonfinite", "stop"))
     if action != "off":

@@ -236,8 +236,8 @@ class FSDPConf:
 class AutoValConf:
     """``trainer.check_val_every_n_epoch=auto`` (zoo.callbacks.ValidationSchedule)."""
 
-    #: the share of training time validation may take (0.05: ~5%)
-    budget: float = 0.05
+    #: the share of training time validation may take (0.02: ~2%)
+    budget: float = 0.02
     #: the most minutes of training between two validations (an epoch longer than this validates every time)
     max_minutes: float = 10.0
     #: an epoch that skips validation still writes last.ckpt when this many minutes passed since its last write
@@ -296,6 +296,8 @@ class CheckpointConf:
     handle_signals: bool = True
     #: single-process runs write checkpoints from a copy of the state in a background thread (training goes on)
     background_writes: bool = True
+    #: later | earlier: which state best.ckpt keeps when a validation ties its score (later: the one trained longer)
+    on_tie: str = "later"
 
 
 @dataclass
@@ -441,6 +443,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler.name": ("cosine", "constant", "step", "none"),
     "callbacks.progress_bar": ("tqdm", "rich", "none"),
     "callbacks.nonfinite": ("skip", "stop", "off"),
+    "callbacks.checkpoint.on_tie": ("later", "earlier"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto", "tpu"),
     "trainer.fsdp.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
     "iou_type": ("bbox", "segm"),

@@ -300,6 +300,14 @@ def write_training_curves(trainer: Any, module: Any, out_dir: Path) -> Path | No
     """``<run>/plots/training_curves.png`` from the run's CSV log (``<run>/csv/metrics.csv``), or from the epoch
     history the :class:`~zoo.callbacks.EpochSummary` callback kept when no CSV logger ran; ``None`` without
     matplotlib or without any epoch."""
+    job = training_curves_job(trainer, module, out_dir)
+    return job() if job else None
+
+
+def training_curves_job(trainer: Any, module: Any, out_dir: Path) -> Any:
+    """What :func:`write_training_curves` does, split in two: the log is read now (a later validation appends to
+    it), and the returned function renders the PNG and returns its path, safe to run on another thread (the plots use
+    no pyplot state); ``None`` when there is nothing to draw."""
     from zoo import plots
     from zoo.callbacks import EpochSummary
 
@@ -316,7 +324,8 @@ def write_training_curves(trainer: Any, module: Any, out_dir: Path) -> Path | No
             and not k.endswith("/loss")]
     extra = [k for k in history if k.startswith("val/") and k not in keys and "loss" not in k
              and not any(t in k for t in ("_small", "_medium", "_large", "mAR"))]
-    return plots.plot_training_curves(history, out_dir / "plots" / "training_curves.png", metrics=(keys + extra)[:8])
+    return lambda: plots.plot_training_curves(history, out_dir / "plots" / "training_curves.png",
+                                              metrics=(keys + extra)[:8])
 
 
 def final_validation_reusable(trainer: Any, ckpt_cb: Any, best: str | None) -> bool:
@@ -396,6 +405,22 @@ def train(cfg: DictConfig, *, callbacks: list | None = None) -> dict[str, Any]:
                                      callbacks_extra=[Visualize(int(cfg.callbacks.visualize),
                                                                 score_thresh=float(cfg.callbacks.visualize_score_thresh)),
                                                       *(callbacks or [])])
+    ckpt_cb.finish_last_after_fit = True  # the final last.ckpt is written while the final evaluation runs
+    try:
+        result = _fit_and_report(cfg, trainer, ckpt_cb, module, datamodule, out_dir, t0, init_report)
+    except BaseException:
+        try:
+            ckpt_cb.finish_writes()  # the checkpoints already queued reach the disk whatever stopped the run
+        except OSError as err:
+            log.error("%s", err)
+        raise
+    ckpt_cb.finish_writes()  # every checkpoint on disk before train() returns; a failed write is raised here
+    return result
+
+
+def _fit_and_report(cfg: DictConfig, trainer: Any, ckpt_cb: Any, module: Any, datamodule: Any, out_dir: Path,
+                    t0: float, init_report: Any) -> dict[str, Any]:
+    """``train()``'s fit, final evaluation, plots and bundle (its result dict)."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path,
                     weights_only=True if cfg.ckpt_path else None)
@@ -415,12 +440,36 @@ def train(cfg: DictConfig, *, callbacks: list | None = None) -> dict[str, Any]:
                               "metrics": {}, "fit_seconds": fit_s, "bundle": None, "init_from": init_report}
     if cfg.trainer.fast_dev_run:
         return result
-    from zoo.callbacks import emit
 
     plot_files: list[Path] = []
+    pool = curves = None
     if trainer.is_global_zero:
-        curves = write_training_curves(trainer, module, out_dir)  # the CSV log is complete once fit returned
-        plot_files += [curves] if curves else []
+        job = training_curves_job(trainer, module, out_dir)  # the CSV log of the fit is complete once fit returned
+        if job is not None:  # drawn on a thread while best.ckpt is evaluated and exported (~0.2 s off the end)
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoo-plots")
+            curves = pool.submit(job)
+    try:
+        _final_report(cfg, trainer, ckpt_cb, module, datamodule, out_dir, best, result, plot_files)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    path = curves.result() if curves is not None else None  # a plotting error is raised here
+    plot_files[:0] = [path] if path else []
+    if plot_files and trainer.is_global_zero:
+        result["plots"] = [str(p) for p in plot_files]
+        log_images(list(trainer.loggers), plot_files, out_dir, step=int(trainer.global_step))
+    return result
+
+
+def _final_report(cfg: DictConfig, trainer: Any, ckpt_cb: Any, module: Any, datamodule: Any, out_dir: Path,
+                  best: str | None, result: dict[str, Any], plot_files: list[Path]) -> None:
+    """The final evaluation of best.ckpt (metrics.json, the report and its plots, appended to ``plot_files``) and the
+    serving bundle, filled into ``result``."""
+    from zoo.callbacks import emit
+
+    fit_s = result["fit_seconds"]
     if cfg.run_eval and best:
         from zoo.callbacks import EpochSummary
 
@@ -446,9 +495,6 @@ def train(cfg: DictConfig, *, callbacks: list | None = None) -> dict[str, Any]:
                 emit(str(report["table"]))
             emit(format_metrics(metrics, f"validation metrics of {best}"))
             plot_files += [Path(p) for p in _plots_of(report)]
-    if plot_files and trainer.is_global_zero:
-        result["plots"] = [str(p) for p in plot_files]
-        log_images(list(trainer.loggers), plot_files, out_dir, step=int(trainer.global_step))
     if cfg.export_bundle and best and trainer.is_global_zero:
         try:
             from zoo.hub.export import export_checkpoint
@@ -457,4 +503,3 @@ def train(cfg: DictConfig, *, callbacks: list | None = None) -> dict[str, Any]:
         else:
             result["bundle"] = str(export_checkpoint(best, out_dir / "bundle", metrics=result["metrics"],
                                                      config=to_container(cfg)))
-    return result
