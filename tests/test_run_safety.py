@@ -436,7 +436,7 @@ def test_default_run_dir_is_unique_for_runs_started_in_the_same_second() -> None
 
 
 # ---------------------------------------------------------------------------------------------------- 7. NaN / inf
-def _tiny_fit(action: str, bad_batch: int = 2):
+def _tiny_fit(action: str, bad_batch: int = 2, deferred: bool | None = None, ckpt=None):
     import lightning.pytorch as pl
     from torch import nn
 
@@ -458,14 +458,16 @@ def _tiny_fit(action: str, bad_batch: int = 2):
             return torch.optim.AdamW(self.parameters(), lr=0.1)
 
     xs = torch.randn(10, 2)
-    xs[2 * bad_batch] = float("nan")
+    if 0 <= bad_batch < 5:
+        xs[2 * bad_batch] = float("nan")
     data = [{"x": xs[i], "image_id": 100 + i} for i in range(10)]
     loader = torch.utils.data.DataLoader(
         data, batch_size=2, collate_fn=lambda s: {"x": torch.stack([d["x"] for d in s]),
                                                   "image_ids": [d["image_id"] for d in s]})
-    model, guard = Tiny(), NonFiniteGuard(action)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[guard])
+    model, guard = Tiny(), NonFiniteGuard(action, deferred=deferred)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=ckpt is not None,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[guard, *([ckpt] if ckpt else [])],
+                         log_every_n_steps=4)
     trainer.fit(model, loader)
     return model, guard
 
@@ -485,6 +487,34 @@ def test_nonfinite_loss_stop_fails_naming_the_step_and_images() -> None:
 
     with pytest.raises(NonFiniteLossError, match=r"global step 2.*\[104, 105\].*nonfinite=skip"):
         _tiny_fit("stop", bad_batch=2)
+
+
+def test_deferred_nonfinite_check_names_the_first_bad_step_and_no_checkpoint_holds_its_weights(tmp_path: Path) -> None:
+    """On an accelerator (forced here on CPU) ``stop`` reads the steps' finite flags only every log_every_n_steps
+    steps, at validation and epoch ends and before any checkpoint is written: no host-device sync per step. The
+    error still names the first bad step and its images, and no checkpoint is written from the weights it spoiled."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from zoo.checkpointing import NonFiniteLossError
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    with pytest.raises(NonFiniteLossError, match=r"global step 2.*\[104, 105\] \(read 0 steps later"):
+        _tiny_fit("stop", bad_batch=2, deferred=True, ckpt=ckpt)
+    steps = sorted(_ckpt(p)["global_step"] for p in tmp_path.glob("*.ckpt"))
+    assert steps == [1, 2], steps  # the state after the NaN step (global step 3) was never written
+    for p in tmp_path.glob("*.ckpt"):
+        assert all(torch.isfinite(v).all() for v in _ckpt(p)["state_dict"].values())
+    # no NaN: a deferred check never raises
+    _tiny_fit("stop", bad_batch=99, deferred=True)
+
+
+def test_nonfinite_check_defers_only_for_stop_on_an_accelerator() -> None:
+    from zoo.checkpointing import NonFiniteGuard
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert NonFiniteGuard("stop").defers(cuda) and not NonFiniteGuard("stop").defers(cpu)
+    assert not NonFiniteGuard("skip").defers(cuda)  # skipping must decide before the optimizer step
+    assert not NonFiniteGuard("stop", deferred=False).defers(cuda)
 
 
 def test_nonfinite_guard_is_configured_from_callbacks_nonfinite(tmp_path: Path) -> None:

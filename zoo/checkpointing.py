@@ -948,13 +948,25 @@ class NonFiniteGuard(Callback):
 
     Gradients are checked too (a finite loss can still give inf gradients) unless a gradient scaler is in use
     (16-bit mixed precision skips such steps itself).
+
+    ``deferred`` (``None``: when ``stop`` trains on an accelerator): reading a flag from the device every step
+    would make the host wait for the GPU at each one (no queueing of the next step while this one runs). Deferred,
+    each step's finite flag stays on the device and the flags are read together every ``log_every_n_steps`` steps
+    (when Lightning syncs for logging anyway), before a validation, at the epoch end, at the end of training and
+    before any checkpoint is written (``on_save_checkpoint``: a checkpoint never holds weights a bad step spoiled).
+    The error names the first bad step and its images as the immediate check does. ``skip`` always checks at the
+    step: it must decide before the optimizer applies it.
     """
 
-    def __init__(self, action: str = "stop", max_skips: int = 0) -> None:
+    def __init__(self, action: str = "stop", max_skips: int = 0, deferred: bool | None = None) -> None:
         if action not in NONFINITE_ACTIONS:
             raise ValueError(f"callbacks.nonfinite={action!r}: use one of {', '.join(NONFINITE_ACTIONS)}")
         self.action = action
         self.max_skips = int(max_skips)
+        self.deferred = deferred
+        #: deferred mode, per step not yet read: (finite flag, finite-loss flag, loss, where, image ids), on the device
+        self._pending: list[tuple[Any, ...]] = []
+        self._loss_dev: torch.Tensor | None = None
         self.skipped = 0
         self.skipped_image_ids: list[Any] = []
         self._bad_loss: float | None = None
@@ -967,6 +979,62 @@ class NonFiniteGuard(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
 
+    # ------------------------------------------------------------------ deferred checks
+    def _queue_step(self, trainer: Any, params: list) -> None:
+        """Deferred mode: this step's finite flag (loss and gradients), computed on the device and kept there."""
+        ok, self._loss_dev = self._loss_dev, None
+        loss_ok, loss, self._loss_val = ok, getattr(self, "_loss_val", None), None
+        if params and getattr(trainer.precision_plugin, "scaler", None) is None:
+            dev = params[0].grad.device
+            total = torch.stack([p.grad.detach().sum(dtype=torch.float32).to(dev) for p in params]).sum()
+            ok = torch.isfinite(total) if ok is None else ok & torch.isfinite(total)
+        ids = [i for b in (self._image_ids or []) for i in b]
+        if self._image_ids is not None:
+            self._image_ids.clear()
+        if ok is not None:
+            where = (f"epoch {trainer.current_epoch}, global step {trainer.global_step}, batch {self._batch_idx}; "
+                     f"image_ids {ids}")
+            self._pending.append((ok, loss_ok, loss, where, ids))
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        if (int(trainer.global_step) + 1) % every == 0:
+            self.check_pending(trainer)
+
+    def check_pending(self, trainer: Any) -> None:
+        """Read the queued steps' flags (one device sync) and raise for the first non-finite one."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flags = torch.stack([p[0].reshape(()).to(pending[0][0].device) for p in pending])
+        bad_at = int((~flags).nonzero()[0, 0]) if not bool(flags.all()) else -1
+        bad = trainer.strategy.reduce_boolean_decision(bad_at >= 0, all=False)
+        if not bad:
+            return
+        if bad_at < 0:
+            raise NonFiniteLossError("non-finite training loss or gradients on another process; its log names the "
+                                     "step and images")
+        _, loss_ok, loss, where, _ = pending[bad_at]
+        if loss_ok is None or bool(loss_ok):
+            what = "gradients"
+        else:  # the last micro-batch's loss (with accumulation an earlier one may be the non-finite one)
+            what = f"loss {float(loss.float().reshape(-1)[0])}" if loss is not None else "loss"
+        raise NonFiniteLossError(
+            f"non-finite training {what} at {where} (read {len(pending) - bad_at - 1} steps later: on an "
+            "accelerator the check is read every log_every_n_steps steps and before every checkpoint, so no "
+            "checkpoint holds the weights it spoiled). Check these images and the learning rate (optimizer.lr, "
+            "trainer.gradient_clip_val), or set callbacks.nonfinite=skip to skip such steps.")
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        self.check_pending(trainer)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self.check_pending(trainer)  # validating spoiled weights would log NaN metrics first
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.check_pending(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.check_pending(trainer)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # image ids of the batches whose gradients the next optimizer step applies (one unless accumulating)
         n = max(1, int(trainer.accumulate_grad_batches or 1))
@@ -976,8 +1044,19 @@ class NonFiniteGuard(Callback):
         self._image_ids.append(list(ids) if ids is not None else [])
         self._batch_idx = batch_idx
 
+    def defers(self, device: torch.device) -> bool:
+        """Whether the flags of steps on ``device`` are read later (see the class docstring)."""
+        if self.action != "stop":
+            return False
+        return device.type != "cpu" if self.deferred is None else bool(self.deferred)
+
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if self.action == "off" or self._bad_loss is not None:
+            return
+        if self.defers(loss.device):
+            ok = torch.isfinite(loss.detach()).all()
+            self._loss_dev = ok if self._loss_dev is None else self._loss_dev & ok  # accumulated batches: all
+            self._loss_val = loss.detach()
             return
         if not bool(torch.isfinite(loss.detach()).all()):
             self._bad_loss = float(loss.detach().float().reshape(-1)[0])
@@ -987,6 +1066,9 @@ class NonFiniteGuard(Callback):
             return
         bad_loss, self._bad_loss = self._bad_loss, None
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self._loss_dev is not None or (params and self.defers(params[0].device)):
+            self._queue_step(trainer, params)
+            return
         what = None
         if bad_loss is not None:
             what = f"loss {bad_loss}"
