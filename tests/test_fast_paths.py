@@ -241,3 +241,42 @@ def test_auto_workers_follow_the_cores_and_the_local_processes(monkeypatch, tmp_
     assert compose("train", []).data.num_workers == -1
     with pytest.raises(ConfigError, match="data.num_workers"):
         validate(compose("train", ["data.num_workers=-2"], output_dir=tmp_path), TrainConfig)
+
+
+class _FakeCompileError(RuntimeError):
+    """Stands for torch._dynamo's BackendCompilerFailed (no C++ compiler, no triton): raised by dynamo's code."""
+
+
+_FakeCompileError.__module__ = "torch._dynamo.exc"
+
+
+@pytest.mark.parametrize("error, falls_back", [(_FakeCompileError, True), (ValueError, False)])
+def test_a_failing_torch_compile_falls_back_to_eager_training(tmp_path: Path, monkeypatch, caplog, error,
+                                                             falls_back: bool) -> None:
+    """trainer.compile=true where torch.compile cannot work (its first call raises from dynamo): one warning and the
+    run trains eagerly with the same weights; an error of the model itself (any other exception) is not swallowed."""
+    from torch import nn
+
+    from tests.conftest import FAST, SMALL_SHAPES, compose
+    from zoo.training import train
+
+    class Broken(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            raise error("backend='inductor' raised: no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: Broken(model))
+    ov = ["backbone=test_resnet", "model.input_size=[32,32]", *FAST, *SMALL_SHAPES, "data.batch_size=16",
+          "data.augment=[]", "export_bundle=false", "trainer.max_epochs=1", "trainer.compile=true"]
+    cfg = compose("train", ov, output_dir=tmp_path)
+    if not falls_back:
+        with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+            train(cfg)
+        return
+    with caplog.at_level("WARNING", logger="zoo.tasks.base"):
+        res = train(cfg)
+    assert caplog.text.count("torch.compile failed") == 1, caplog.text
+    assert "val/top1" in res["metrics"] and Path(res["best_ckpt"]).is_file()

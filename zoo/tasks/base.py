@@ -3,6 +3,7 @@ torch.compile, and the hooks every task fills in (``build`` from config, ``main_
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
@@ -11,6 +12,21 @@ import torch
 from torch import nn
 
 from zoo.models import ModelSpec, ZooModel, create_model
+
+log = logging.getLogger(__name__)
+
+
+def is_compile_error(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) comes from torch.compile's machinery (dynamo, inductor,
+    a missing compiler or triton) rather than from the model itself."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 __all__ = ["ZooTask", "build_optimizer", "build_lr_lambda", "default_mean_std"]
 
@@ -160,6 +176,22 @@ class ZooTask(pl.LightningModule):
     def train_model(self) -> nn.Module:
         """The module used in training steps (compiled when ``trainer.compile``)."""
         return self._compiled if self._compiled is not None else self.model
+
+    def forward_train(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)``; when ``model`` is the compiled one and torch.compile fails (no C++ compiler or
+        triton, an unsupported op, a backend error), warn once and go on eagerly with the same weights for the rest
+        of the run. Errors of the model itself are raised as they are."""
+        if self._compiled is None or model is not self._compiled:
+            return model(*args, **kwargs)
+        try:
+            return model(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - only compile errors are handled, the rest re-raised
+            if not is_compile_error(err):
+                raise
+            log.warning("torch.compile failed (%s: %s); training goes on without it (trainer.compile=false skips the "
+                        "attempt)", type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
+            object.__setattr__(self, "_compiled", None)
+            return self.model(*args, **kwargs)
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.options.get("channels_last"):

@@ -221,7 +221,7 @@ class MultiTask(ZooTask):
         for b, heads in self._source_batches(batch):
             mixed = self._mix(b, heads) if self.training else None
             images = mixed[0] if mixed is not None else b["images"]
-            raw = model(self.prepare_images(images), heads=heads)
+            raw = self.forward_train(model, self.prepare_images(images), heads=heads)
             n_images += len(b["images"])
             for n in heads:
                 head = self.model.heads[n]
