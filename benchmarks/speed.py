@@ -29,7 +29,10 @@ Semantic-FPN from a COCO json's masks) and repeat, interleaved so every side see
 Reported: training images/s over the whole run and over training steps only, the split, the ratios zoo / plain (the
 issue's target: >= 0.95 on CPU) and, for serving, images/s and batch-1 latency p50 / p99 of the Predictor (from JPEG
 bytes to typed results), the bare model (a tensor in, raw outputs) and the ONNX export under onnxruntime, with
-parameters and GFLOPs (``torch.utils.flop_counter``). On CUDA: peak memory and bf16 autocast.
+parameters and GFLOPs (``torch.utils.flop_counter``), and the model FLOPs utilisation (MFU) of the training steps:
+3 x the forward's FLOPs per image (forward + backward) x images/s over the steps, against a dense matrix product
+measured in the same process (bf16 8192^3 on CUDA, the ceiling the issue names; fp32 2048^3 on CPU). On CUDA: peak
+memory and bf16 autocast.
 
 Data: ``../shared/data/coco128`` (real COCO photos, never copied into the repository; images for the image folder
 are those photos sorted into "person" / "no person"), or the embedded dataset written as files when it is absent.
@@ -463,6 +466,31 @@ def serving(bundle: str, files: list[Path], device: str, repeats: int) -> dict[s
     return out
 
 
+def matmul_peak(device: str) -> dict[str, Any]:
+    """The measured dense matrix-product throughput of ``device``: the MFU ceiling (bf16 8192^3 on CUDA, fp32
+    2048^3 on CPU, the best of a few timed products after a warm-up)."""
+    dev = torch.device(device)
+    n, dtype, reps = (8192, torch.bfloat16, 20) if dev.type == "cuda" else (2048, torch.float32, 5)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(dev)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(dev)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": 2 * n ** 3 / best / 1e12}
+
+
+def mfu(step_img_s: float, gmacs: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation of training steps: (forward + backward = 3 x the forward's 2 x MACs) per image x
+    images/s, over the measured peak."""
+    return step_img_s * 3 * 2 * gmacs * 1e9 / (peak_tflops * 1e12)
+
+
 # --------------------------------------------------------------------------- report
 def hardware(device: str) -> dict[str, Any]:
     import lightning
@@ -519,6 +547,22 @@ def report(res: dict[str, Any]) -> str:
         lines.append(f"| {task} | {s['params_M']:.1f} | {s['gflops']:.2f} | {s['predictor_b1']['p50_ms']:.1f} / "
                      f"{s['predictor_b1']['p99_ms']:.1f} | {s['predictor_img_s']:.1f} | "
                      f"{s['model_b1']['p50_ms']:.1f} / {s['model_b1']['p99_ms']:.1f} | {o} |")
+    peak = res.get("matmul_peak")
+    if peak and any(t.get("serving") for t in res["tasks"].values()):
+        lines += ["", f"Model FLOPs utilisation of the training steps (3 x the forward's FLOPs per image x img/s over "
+                      f"the steps) against the measured {peak['dtype']} {peak['n']}^3 matrix product, "
+                      f"{peak['tflops']:.3f} TFLOP/s:", "",
+                  "| task | training GFLOP / image | side | img/s (steps) | MFU |", "|---|---|---|---|---|"]
+        for task, t in res["tasks"].items():
+            s = t.get("serving")
+            if not s:
+                continue
+            for side in ("zoo", "plain", "memory"):  # the zoo's own network on every one of these sides
+                rows = t.get(side) or []
+                if rows:
+                    ips = median(rows, "step_img_s")
+                    lines.append(f"| {task} | {6 * s['gflops']:.2f} | {side} | {ips:.1f} | "
+                                 f"{mfu(ips, s['gflops'], peak['tflops']):.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -543,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(args.work or tempfile.mkdtemp(prefix="zoo_speed_"))
     work.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"device": args.device, "command": "python benchmarks/speed.py " + " ".join(argv or sys.argv[1:]),
-                           "hardware": hardware(args.device), "tasks": {}}
+                           "hardware": hardware(args.device), "matmul_peak": matmul_peak(args.device), "tasks": {}}
     for task in tasks:
         s = dict(SETTINGS[task][args.device])
         for key in ("epochs", "size", "batch"):

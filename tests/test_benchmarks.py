@@ -33,6 +33,11 @@ def test_speed_benchmark_runs_the_zoo_path_and_the_plain_loop(tmp_path: Path) ->
     assert cls["serving"]["predictor_b1"]["p50_ms"] > 0 and "p99_ms" in cls["serving"]["onnx_b1"]
     text = (tmp_path / "speed.md").read_text()
     assert "| cls | zoo |" in text and "| cls | memory |" in text and json.loads((tmp_path / "speed.json").read_text())["device"] == "cpu"
+    peak = res["matmul_peak"]["tflops"]
+    assert peak > 0 and "Model FLOPs utilisation" in text and "| cls |" in text.split("Model FLOPs utilisation")[1]
+    # MFU is the steps' FLOP rate over the measured peak: below 1 and consistent with the figures it comes from
+    m = _module("speed").mfu(zoo["step_img_s"], cls["serving"]["gflops"], peak)
+    assert 0 < m < 1 and m == pytest.approx(zoo["step_img_s"] * 6e9 * cls["serving"]["gflops"] / (peak * 1e12))
 
 
 @pytest.mark.slow
