@@ -8,7 +8,8 @@ on the same files and a reference model, in one process; then serving speed (Pre
 Per task (``cls``: single-label classification from an image folder; ``det``: FCOS from a COCO json; ``seg``:
 Semantic-FPN from a COCO json's masks) and repeat, interleaved so every side sees the same machine load:
 
-* ``zoo``: :func:`zoo.training.train` exactly as ``python train.py`` runs it (its default validation schedule,
+* ``zoo``: :func:`zoo.training.train` exactly as ``python train.py`` runs it (segmentation with ``recipe=none``,
+  the plain loop's cross-entropy without the recipe's dice term; its default validation schedule,
   ``trainer.check_val_every_n_epoch=auto``: every epoch while a pass is cheap, else every n-th; checkpoints,
   logs, the final evaluation of the best checkpoint, the bundle), with its wall time split by a timing callback
   into start-up, training steps, waiting for data, validation, epoch ends (checkpoint writes, logging) and the
@@ -204,8 +205,10 @@ def zoo_overrides(task: str, s: dict[str, Any], data_root: Path, device: str) ->
     if task == "det":
         return ["model=detection", "data=coco", f"data.root={data_root}", *split,
                 f"model.input_size=[{size},{size}]", *common]
+    # recipe=none: the plain loop's loss (cross-entropy alone; the semantic recipe adds a dice term, a different
+    # computation: its cost is in benchmarks/results/recipes_sem_default.md), so the ratio is the path's own
     return ["model=semantic", "data=coco", f"data.root={data_root}", *split, f"model.input_size=[{size},{size}]",
-            *common]
+            "recipe=none", *common]
 
 
 def run_zoo(task: str, overrides: list[str], work: Path, tag: str) -> dict[str, Any]:

@@ -132,6 +132,41 @@ def test_dice_loss_hand_checked_2x2() -> None:
     assert dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def _dice_by_one_hot(logits: torch.Tensor, target: torch.Tensor, ignore: int, smooth: float) -> torch.Tensor:
+    """The dice loss written out with a one-hot target (the definition, for comparison)."""
+    k = logits.shape[1]
+    p = logits.float().softmax(1)
+    valid = (target != ignore).unsqueeze(1).float()
+    t = torch.nn.functional.one_hot(target.clamp(0, k - 1), k).permute(0, 3, 1, 2).float() * valid
+    p = p * valid
+    inter, card = (p * t).sum((0, 2, 3)), p.sum((0, 2, 3)) + t.sum((0, 2, 3))
+    present = t.sum((0, 2, 3)) > 0
+    if not present.any():
+        return logits.sum() * 0.0
+    return 1 - ((2 * inter + smooth) / (card + smooth))[present].mean()
+
+
+@pytest.mark.parametrize("k", [2, 5, 81])
+def test_dice_loss_and_its_gradient_equal_the_one_hot_definition(k: int) -> None:
+    """The dice term is computed without a one-hot target (gather + per-class sums: it stays cheap with 81 COCO
+    classes) and without a host-device sync; its value and gradient are those of the one-hot definition, with
+    ignored pixels and classes absent from the target."""
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(3, k, 12, 10, generator=g, requires_grad=True)
+    target = torch.randint(0, max(2, k // 3), (3, 12, 10), generator=g)  # the upper classes never appear
+    target[:, :2] = 255
+    for smooth in (0.0, 1.0):
+        ref = _dice_by_one_hot(logits, target, 255, smooth)
+        (g_ref,) = torch.autograd.grad(ref, logits)
+        got = dice_loss(logits, target, ignore_index=255, smooth=smooth)
+        (g_got,) = torch.autograd.grad(got, logits)
+        assert got.item() == pytest.approx(ref.item(), abs=1e-6)
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)
+    empty = torch.full_like(target, 255)
+    loss = dice_loss(logits, empty, ignore_index=255)
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
 def test_dice_term_in_head_loss_and_class_weights() -> None:
     w = [0.2, 1.0, 3.0]
     head = DeepLabV3PlusHead([8, 8], [4, 16], num_classes=3, channels=8, dice_weight=0.5, class_weights=w)
