@@ -964,9 +964,10 @@ class NonFiniteGuard(Callback):
         self.action = action
         self.max_skips = int(max_skips)
         self.deferred = deferred
-        #: deferred mode, per step not yet read: (finite flag, finite-loss flag, loss, where, image ids), on the device
+        #: deferred mode, per step not yet read: (finite flag, finite-loss flag, loss, where), tensors on the device
         self._pending: list[tuple[Any, ...]] = []
-        self._loss_dev: torch.Tensor | None = None
+        self._loss_dev: torch.Tensor | None = None  # deferred: the finite flag of this step's losses so far
+        self._loss_val: torch.Tensor | None = None  # deferred: this step's (last) loss, for the message
         self.skipped = 0
         self.skipped_image_ids: list[Any] = []
         self._bad_loss: float | None = None
@@ -979,22 +980,36 @@ class NonFiniteGuard(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
 
-    # ------------------------------------------------------------------ deferred checks
-    def _queue_step(self, trainer: Any, params: list) -> None:
-        """Deferred mode: this step's finite flag (loss and gradients), computed on the device and kept there."""
-        ok, self._loss_dev = self._loss_dev, None
-        loss_ok, loss, self._loss_val = ok, getattr(self, "_loss_val", None), None
-        if params and getattr(trainer.precision_plugin, "scaler", None) is None:
-            dev = params[0].grad.device
-            total = torch.stack([p.grad.detach().sum(dtype=torch.float32).to(dev) for p in params]).sum()
-            ok = torch.isfinite(total) if ok is None else ok & torch.isfinite(total)
+    # ------------------------------------------------------------------ shared by both modes
+    @staticmethod
+    def _grads_finite(trainer: Any, params: list) -> torch.Tensor | None:
+        """Whether every gradient is finite, as a tensor on the device (no sync); ``None`` when not checked (no
+        gradients, or a gradient scaler that skips such steps itself). A NaN or inf anywhere makes the sum
+        non-finite: cheaper than norms (measured 1.0 against 1.8 ms a step for resnet18 on 2 cores), and no squares
+        that overflow for large finite gradients."""
+        if not params or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return None
+        dev = params[0].grad.device
+        return torch.isfinite(torch.stack([p.grad.detach().sum(dtype=torch.float32).to(dev) for p in params]).sum())
+
+    def _take_where(self, trainer: Any) -> tuple[str, list]:
+        """The step's place and the image ids of the batches it applies (emptied for the next step)."""
         ids = [i for b in (self._image_ids or []) for i in b]
         if self._image_ids is not None:
             self._image_ids.clear()
+        return (f"epoch {trainer.current_epoch}, global step {trainer.global_step}, batch {self._batch_idx}; "
+                f"image_ids {ids}"), ids
+
+    # ------------------------------------------------------------------ deferred checks
+    def _queue_step(self, trainer: Any, params: list) -> None:
+        """Deferred mode: this step's finite flag (loss and gradients), computed on the device and kept there."""
+        loss_ok, self._loss_dev = self._loss_dev, None
+        loss, self._loss_val = self._loss_val, None
+        grads_ok = self._grads_finite(trainer, params)
+        ok = loss_ok if grads_ok is None else grads_ok if loss_ok is None else loss_ok & grads_ok
+        where, _ = self._take_where(trainer)
         if ok is not None:
-            where = (f"epoch {trainer.current_epoch}, global step {trainer.global_step}, batch {self._batch_idx}; "
-                     f"image_ids {ids}")
-            self._pending.append((ok, loss_ok, loss, where, ids))
+            self._pending.append((ok, loss_ok, loss, where))
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         if (int(trainer.global_step) + 1) % every == 0:
             self.check_pending(trainer)
@@ -1012,7 +1027,7 @@ class NonFiniteGuard(Callback):
         if bad_at < 0:
             raise NonFiniteLossError("non-finite training loss or gradients on another process; its log names the "
                                      "step and images")
-        _, loss_ok, loss, where, _ = pending[bad_at]
+        _, loss_ok, loss, where = pending[bad_at]
         if loss_ok is None or bool(loss_ok):
             what = "gradients"
         else:  # the last micro-batch's loss (with accumulation an earlier one may be the non-finite one)
@@ -1072,23 +1087,15 @@ class NonFiniteGuard(Callback):
         what = None
         if bad_loss is not None:
             what = f"loss {bad_loss}"
-        elif params and getattr(trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad.detach() for p in params]
-            # a NaN or inf anywhere makes the sum non-finite: cheaper than norms (measured 1.0 against 1.8 ms a step
-            # for resnet18 on 2 cores), and no squares that overflow for large finite gradients
-            dev = grads[0].device
-            total = torch.stack([g.sum(dtype=torch.float32).to(dev) for g in grads]).sum()
-            if not bool(torch.isfinite(total)):
+        else:
+            grads_ok = self._grads_finite(trainer, params)
+            if grads_ok is not None and not bool(grads_ok):
                 what = "gradients"
         bad = trainer.strategy.reduce_boolean_decision(what is not None, all=False)
-        ids = [i for b in (self._image_ids or []) for i in b]
-        if self._image_ids is not None:
-            self._image_ids.clear()
+        where, ids = self._take_where(trainer)
         if not bad:
             return
         what = what or "gradients (on another process)"
-        where = (f"epoch {trainer.current_epoch}, global step {trainer.global_step}, batch {self._batch_idx}; "
-                 f"image_ids {ids}")
         if self.action == "stop" or (self.max_skips and self.skipped >= self.max_skips):
             more = (f" after {self.skipped} skipped steps (callbacks.nonfinite_max_skips={self.max_skips})"
                     if self.action == "skip" else "")

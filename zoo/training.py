@@ -296,18 +296,11 @@ def log_images(loggers: list, paths: list[Path], root: Path, step: int = 0) -> N
             lg.experiment.flush()
 
 
-def write_training_curves(trainer: Any, module: Any, out_dir: Path) -> Path | None:
-    """``<run>/plots/training_curves.png`` from the run's CSV log (``<run>/csv/metrics.csv``), or from the epoch
-    history the :class:`~zoo.callbacks.EpochSummary` callback kept when no CSV logger ran; ``None`` without
-    matplotlib or without any epoch."""
-    job = training_curves_job(trainer, module, out_dir)
-    return job() if job else None
-
-
 def training_curves_job(trainer: Any, module: Any, out_dir: Path) -> Any:
-    """What :func:`write_training_curves` does, split in two: the log is read now (a later validation appends to
-    it), and the returned function renders the PNG and returns its path, safe to run on another thread (the plots use
-    no pyplot state); ``None`` when there is nothing to draw."""
+    """A function that draws ``<run>/plots/training_curves.png`` and returns its path, from the run's CSV log
+    (``<run>/csv/metrics.csv``) or the epoch history the :class:`~zoo.callbacks.EpochSummary` callback kept when no
+    CSV logger ran. The log is read now (a later validation appends to it); the drawing is safe on another thread
+    (the plots use no pyplot state). ``None`` without matplotlib or without any epoch."""
     from zoo import plots
     from zoo.callbacks import EpochSummary
 

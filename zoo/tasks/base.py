@@ -15,6 +15,8 @@ from zoo.models import ModelSpec, ZooModel, create_model
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ZooTask", "build_optimizer", "build_lr_lambda", "default_mean_std"]
+
 
 def is_compile_error(err: BaseException) -> bool:
     """Whether ``err`` (or an exception it was raised from) comes from torch.compile's machinery (dynamo, inductor,
@@ -27,8 +29,6 @@ def is_compile_error(err: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-__all__ = ["ZooTask", "build_optimizer", "build_lr_lambda", "default_mean_std"]
 
 
 def default_mean_std(backbone_name: str) -> tuple[list[float], list[float]]:
