@@ -49,9 +49,19 @@ SHARED = ROOT.parent / "shared" / "data"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SETTINGS = {"cls": {"size": 64, "batch": 32, "epochs": 30, "backbone": "resnet18"},
             "sem": {"size": 192, "batch": 8, "epochs": 30, "backbone": "resnet18"},
-            "shapes": {"size": 64, "batch": 32, "epochs": 30, "backbone": "resnet18"}}
-#: what each setting is scored as: single-label classification from an image folder, or semantic masks
-KIND = {"cls": "cls", "shapes": "cls", "sem": "sem"}
+            "shapes": {"size": 64, "batch": 32, "epochs": 30, "backbone": "resnet18"},
+            "sim": {"size": 64, "batch": 32, "epochs": 30, "backbone": "resnet18"},
+            "sim_shapes": {"size": 64, "batch": 32, "epochs": 30, "backbone": "resnet18"},
+            "det": {"size": 128, "batch": 16, "epochs": 30, "backbone": "resnet18"}}
+#: what each setting is scored as: single-label classification from an image folder, semantic masks, open-set
+#: retrieval from an identity folder, or COCO boxes
+KIND = {"cls": "cls", "shapes": "cls", "sem": "sem", "sim": "sim", "sim_shapes": "sim", "det": "det"}
+#: what the floor line of the results names
+FLOOR = {"cls": "A constant prediction (the most frequent class everywhere)",
+         "sem": "A constant prediction (background everywhere)", "sim": "A random ranking",
+         "det": "Predicting no boxes"}
+METRIC = {"cls": ("top-1", "val/top1"), "sem": ("mIoU", "val/mIoU"), "sim": ("R@1", "val/R@1"),
+          "det": ("mAP", "val/mAP")}
 
 
 def photos(work: Path) -> Path:
@@ -76,14 +86,93 @@ def photos(work: Path) -> Path:
         for d in ("person", "other"):
             (root / split / d).mkdir(parents=True, exist_ok=True)
         for a in person + other:
-            x, y, w, h = a["bbox"]
-            with Image.open(SHARED / sub / "train2017" / files[a["image_id"]]) as im:
-                im = im.convert("RGB")
-                m = 0.1
-                box = (max(0, x - m * w), max(0, y - m * h), min(im.width, x + w * (1 + m)), min(im.height, y + h * (1 + m)))
-                im.crop(tuple(int(round(v)) for v in box)).save(
-                    root / split / ("person" if a["category_id"] == 1 else "other") / f"{a['id']}.jpg", quality=95)
+            _save_crop(SHARED / sub / "train2017" / files[a["image_id"]], a["bbox"],
+                       root / split / ("person" if a["category_id"] == 1 else "other") / f"{a['id']}.jpg")
     return root
+
+
+def _save_crop(image: Path, bbox: list[float], out: Path, context: float = 0.1) -> None:
+    """The COCO box ``[x, y, w, h]`` grown by ``context`` on each side (clipped to the image), saved as a JPEG."""
+    from PIL import Image
+
+    x, y, w, h = bbox
+    with Image.open(image) as im:
+        im = im.convert("RGB")
+        box = (max(0, x - context * w), max(0, y - context * h), min(im.width, x + w * (1 + context)),
+               min(im.height, y + h * (1 + context)))
+        im.crop(tuple(int(round(v)) for v in box)).save(out, quality=95)
+
+
+def category_crops(work: Path, cap: int = 40) -> Path:
+    """``<work>/identities/{train,val}/<category>/``: retrieval of unseen categories (open set, as
+    ``data=coco_crops`` splits them). Non-crowd objects at least 24 px on their short side from coco128 and
+    tiny_coco, cropped with 10 % context; the category is the identity. 30 % of the categories are held out for
+    validation (``zoo.data.crops.split_identities``, seed 0), the rest train. At most ``cap`` crops per category,
+    drawn once with a fixed generator, so that people (236 crops) do not make up most of either split."""
+    from zoo.data.crops import split_identities
+
+    root = work / "identities"
+    if root.is_dir():
+        return root
+    by_cat: dict[str, list[tuple[str, Path, dict]]] = {}
+    for sub in ("coco128", "tiny_coco"):
+        js = json.loads((SHARED / sub / "annotations" / "instances_train2017.json").read_text())
+        files = {im["id"]: im["file_name"] for im in js["images"]}
+        names = {c["id"]: c["name"] for c in js["categories"]}
+        for a in sorted(js["annotations"], key=lambda a: a["id"]):
+            if not a.get("iscrowd") and min(a["bbox"][2:]) >= 24:
+                by_cat.setdefault(names[a["category_id"]], []).append(
+                    (sub, SHARED / sub / "train2017" / files[a["image_id"]], a))
+    train_ids, test_ids = split_identities(sorted(by_cat), 0.3, seed=0)
+    rng = np.random.default_rng(0)
+    for split, ids in (("train", train_ids), ("val", test_ids)):
+        for name in ids:
+            items = by_cat[name]
+            if len(items) > cap:
+                items = [items[i] for i in sorted(rng.choice(len(items), size=cap, replace=False))]
+            d = root / split / name.replace(" ", "_")
+            d.mkdir(parents=True, exist_ok=True)
+            for sub, image, a in items:  # annotation ids of the two subsets may meet: the subset names the file
+                _save_crop(image, a["bbox"], d / f"{sub}_{a['id']}.jpg")
+    return root
+
+
+def shapes_identities(work: Path, num_images: int = 300) -> Path:
+    """``<work>/shape_identities/{train,val}/<colour>_<shape>/``: object crops of the embedded dataset (128 px
+    renderings) under their identity, colour and shape together (36 of them); 30 % of the identities held out
+    for validation (``split_identities``, seed 0), so validation retrieves unseen colour-shape pairs. Objects at
+    least 16 px on their short side, 10 % context. A low-noise setting beside ``sim``'s real photos."""
+    from zoo.data.crops import split_identities
+
+    root = work / "shape_identities"
+    if root.is_dir():
+        return root
+    src = shapes_coco(work, num_images, num_images)
+    by_id: dict[str, list[tuple[Path, dict]]] = {}
+    for split in ("train", "val"):
+        js = json.loads((src / "annotations" / f"instances_{split}.json").read_text())
+        files = {im["id"]: src / split / im["file_name"] for im in js["images"]}
+        for a in js["annotations"]:
+            if not a.get("iscrowd") and min(a["bbox"][2:]) >= 16:
+                by_id.setdefault(a["identity"], []).append((files[a["image_id"]], {**a, "split": split}))
+    train_ids, test_ids = split_identities(sorted(by_id), 0.3, seed=0)
+    for split, ids in (("train", train_ids), ("val", test_ids)):
+        for name in ids:
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for image, a in by_id[name]:
+                _save_crop(image, a["bbox"], d / f"{a['split']}_{a['id']}.jpg")
+    return root
+
+
+def shapes_coco(work: Path, num_train: int = 300, num_val: int = 300) -> Path:
+    """``<work>/shapes_det``: the embedded dataset (128 px renderings, zoo.data.shapes) in its COCO layout
+    (``annotations/instances_{train,val}.json``, ``{train,val}/``), read as a user's own COCO folder. Detection
+    from random initialisation does not learn on coco128's 128 photos in a CPU budget, so the boxes setting is the
+    generated one."""
+    from zoo.data.shapes import ensure_shapes_dataset
+
+    return Path(ensure_shapes_dataset(work / "shapes_det", num_train=num_train, num_val=num_val, image_size=128))
 
 
 def shapes_folder(work: Path, num_train: int = 300, num_val: int = 600) -> Path:
@@ -152,10 +241,19 @@ def person_masks(work: Path) -> Path:
 
 def trivial_metric(task: str, root: Path) -> float:
     """The validation metric of a constant prediction: the most frequent class's share of the validation crops
-    (``cls``), or the mIoU of labelling every pixel background (``sem``: background IoU = its pixel share, person 0)."""
-    if KIND[task] == "cls":
+    (``cls``), the mIoU of labelling every pixel background (``sem``: background IoU = its pixel share, person 0),
+    R@1 of a random ranking (``sim``), or 0 for detection (no boxes)."""
+    if KIND[task] in ("cls", "sim"):
         counts = [len(list(d.glob("*.jpg"))) for d in sorted((root / "val").iterdir()) if d.is_dir()]
-        return max(counts) / max(1, sum(counts))
+        if KIND[task] == "cls":
+            return max(counts) / max(1, sum(counts))
+        # a random ranking: the nearest other crop shares the query's category with probability (n_c - 1)/(N - 1);
+        # queries of a category with one crop cannot be answered and are left out, as by retrieval_metrics
+        n = sum(counts)
+        answerable = [c for c in counts if c > 1]
+        return sum(c * (c - 1) / (n - 1) for c in answerable) / max(1, sum(answerable))
+    if KIND[task] == "det":
+        return 0.0  # no boxes: AP 0
     from PIL import Image
 
     bg = total = 0
@@ -269,6 +367,124 @@ def plain_sem(root: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"metric": float((inter / union.clamp(min=1)).mean()), "wall_s": time.perf_counter() - t0}
 
 
+def zoo_network(task: str, root: Path, s: dict[str, Any], work: Path) -> torch.nn.Module:
+    """The network the zoo side trains, from random initialisation: the spec its composed config builds
+    (``task_class(...).build``), so both sides train the same architecture."""
+    from zoo.config import TrainConfig, validate
+    from zoo.models import create_model
+    from zoo.tasks import task_class
+
+    cfg = zoo_config(task, root, s, 0, [], work / "spec")
+    validate(cfg, TrainConfig)
+    _, kwargs = task_class(cfg.model.task).build(cfg)
+    return create_model(kwargs["spec"], load_backbone_weights=False)
+
+
+def plain_sim(root: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
+    """pytorch-metric-learning's own example recipe: a timm backbone's pooled features and a linear embedding,
+    a triplet margin loss (margin 0.2) on the semi-hard triplets of shuffled batches; R@1 over the held-out
+    categories' crops, each crop a query among all the others (the metric the zoo side logs)."""
+    import timm
+    from pytorch_metric_learning import losses, miners
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2 as T
+
+    from zoo.metrics.retrieval import retrieval_metrics
+
+    torch.manual_seed(seed)
+    size = s["size"]
+    tf = T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), T.RandomHorizontalFlip(),
+                    T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+    vt = T.Compose([T.Resize((size, size), antialias=True), T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                    T.Normalize(MEAN, STD)])
+    train, val = ImageFolder(str(root / "train"), tf), ImageFolder(str(root / "val"), vt)
+    backbone = timm.create_model(s["backbone"], num_classes=0)
+    model = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, 128))
+
+    def recall_at_1() -> float:
+        model.eval()
+        embs, labels = [], []
+        with torch.no_grad():
+            for x, y in torch.utils.data.DataLoader(val, 64, num_workers=2):
+                embs.append(model(x))
+                labels.append(y)
+        return retrieval_metrics(torch.cat(embs), torch.cat(labels))["R@1"]
+
+    untrained = recall_at_1()  # random features already retrieve by colour and layout: the floor that counts
+    t0 = time.perf_counter()
+    dl = torch.utils.data.DataLoader(train, s["batch"], shuffle=True, num_workers=2, persistent_workers=True,
+                                     drop_last=True)
+    loss_fn, miner = losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2,
+                                                                                      type_of_triplets="semihard")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = _cosine(opt, s["epochs"] * len(dl))
+    for _ in range(s["epochs"]):
+        model.train()
+        for x, y in dl:
+            emb = model(x)
+            loss = loss_fn(emb, y, miner(emb, y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return {"metric": recall_at_1(), "wall_s": time.perf_counter() - t0, "untrained": untrained}
+
+
+def plain_det(root: Path, s: dict[str, Any], seed: int, work: Path) -> dict[str, Any]:
+    """The zoo's own detector (the spec the zoo side builds: FCOS on an FPN) in a hand-written loop: torchvision's
+    CocoDetection with a stretch resize and a flip, the head's loss, AdamW with a per-step cosine; COCO box AP of
+    the val split at the zoo side's post-processing (score 0.05, NMS 0.6, 100 boxes) through the same evaluator."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import _collate, _Ds
+
+    from zoo.metrics.coco_eval import evaluate_coco
+
+    torch.manual_seed(seed)
+    model = zoo_network("det", root, s, work)  # built before the clock, as the zoo side's wall time leaves it out
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    size = s["size"]
+    ann = {k: root / "annotations" / f"instances_{k}.json" for k in ("train", "val")}
+    train, val = _Ds(root, "train", ann["train"], size, "det", True), _Ds(root, "val", ann["val"], size, "det", False)
+    dl = torch.utils.data.DataLoader(train, s["batch"], shuffle=True, num_workers=2, persistent_workers=True,
+                                     drop_last=True, collate_fn=_collate)
+    head = model.heads["det"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = _cosine(opt, s["epochs"] * len(dl))
+    for _ in range(s["epochs"]):
+        model.train()
+        for x, y in dl:
+            sizes = torch.tensor([[size, size]] * len(x))
+            loss = sum(head.compute_loss(model(x)["det"], y, sizes).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    dets = []
+    with torch.no_grad():
+        for x, _ in torch.utils.data.DataLoader(val, s["batch"], num_workers=2, collate_fn=_collate):
+            dets += head.predict(model(x)["det"], [(size, size)] * len(x), score_thresh=0.05, nms_thresh=0.6,
+                                 max_detections=100)
+    res = evaluate_coco(str(ann["val"]), coco_results(val, dets, size), "bbox", image_ids=list(val.ds._dataset.ids))
+    return {"metric": res.to_metrics(prefix="")["mAP"], "wall_s": time.perf_counter() - t0}
+
+
+def coco_results(ds: Any, dets: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, Any]]:
+    """COCO result dicts of per-image detections (xyxy boxes in the ``size`` x ``size`` input, contiguous labels)
+    of the dataset's images in order: boxes stretched back to each image's own size, labels back to category ids."""
+    coco, ids = ds.ds._dataset.coco, list(ds.ds._dataset.ids)
+    label_to_cat = {v: k for k, v in ds.cat_to_label.items()}
+    results = []
+    for image_id, d in zip(ids, dets, strict=True):
+        im = coco.imgs[image_id]
+        scale = torch.tensor([im["width"], im["height"]] * 2, dtype=torch.float32) / size
+        for b, sc, lab in zip((d["boxes"].float() * scale).tolist(), d["scores"].tolist(), d["labels"].tolist()):
+            results.append({"image_id": image_id, "category_id": label_to_cat[int(lab)], "score": float(sc),
+                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+    return results
+
+
 # --------------------------------------------------------------------------- zoo side
 def zoo_config(task: str, root: Path, s: dict[str, Any], seed: int, extra: list[str], out: Path):
     """The composed train.py config of one zoo side (raises at once on an override that does not apply)."""
@@ -277,7 +493,9 @@ def zoo_config(task: str, root: Path, s: dict[str, Any], seed: int, extra: list[
     base = [f"data.root={root}", f"backbone.name={s['backbone']}", f"model.input_size=[{s['size']},{s['size']}]",
             f"data.batch_size={s['batch']}", f"trainer.max_epochs={s['epochs']}", f"seed={seed}",
             "trainer.enable_progress_bar=false", "logger.names=[csv]", "export_bundle=false", "run_eval=false"]
-    base = (["data=image_folder"] if KIND[task] == "cls" else ["model=semantic", "data=mask_folder"]) + base
+    base = {"cls": ["data=image_folder"], "sem": ["model=semantic", "data=mask_folder"],
+            "sim": ["model=similarity", "data=identity_folder"],
+            "det": ["model=detection", "data=coco", "data.train_split=train", "data.val_split=val"]}[KIND[task]] + base
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=[*base, *extra, f"paths.output_dir={out}"])
 
@@ -290,7 +508,7 @@ def zoo_run(task: str, root: Path, s: dict[str, Any], seed: int, extra: list[str
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
-    key = "val/top1" if KIND[task] == "cls" else "val/mIoU"
+    key = METRIC[KIND[task]][1]
     rows = [r for r in csv.DictReader(open(out / "csv" / "metrics.csv")) if r.get(key)]
     return {"metric": float(rows[-1][key]), "wall_s": wall, "epochs_logged": len(rows)}
 
@@ -307,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "benchmarks/results/recipes_<task> (.md and .json)")
     ap.add_argument("--work", default=None)
     args = ap.parse_args(argv)
-    if args.task != "shapes" and not (SHARED / "coco128" / "annotations").is_dir():
+    if args.task not in ("shapes", "sim_shapes", "det") and not (SHARED / "coco128" / "annotations").is_dir():
         print(f"{SHARED} is not present: this benchmark needs the real COCO subsets")
         return {}
     s = dict(SETTINGS[args.task])
@@ -316,7 +534,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             s[key] = getattr(args, key)
     work = Path(args.work or tempfile.mkdtemp(prefix="zoo_recipes_"))
     work.mkdir(parents=True, exist_ok=True)
-    root = {"cls": photos, "sem": person_masks, "shapes": shapes_folder}[args.task](work)
+    root = {"cls": photos, "sem": person_masks, "shapes": shapes_folder, "sim": category_crops,
+            "sim_shapes": shapes_identities, "det": shapes_coco}[args.task](work)
     variants = {"zoo default": []}
     for v in args.variant or []:
         name, _, ov = v.partition("=")
@@ -330,24 +549,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as err:
             raise SystemExit(f"--variant {name!r}: {err}") from None
     rows: dict[str, list[dict[str, Any]]] = {"plain": [], **{k: [] for k in variants}}
-    plain = plain_cls if KIND[args.task] == "cls" else plain_sem
+    plain = {"cls": plain_cls, "sem": plain_sem, "sim": plain_sim, "det": plain_det}[KIND[args.task]]
     for seed in seeds:
-        r = plain(root, s, seed)
+        r = plain(root, s, seed, work) if KIND[args.task] == "det" else plain(root, s, seed)
         rows["plain"].append(r)
         print(f"[seed {seed}] plain: {r['metric']:.4f} in {r['wall_s']:.0f} s", flush=True)
         for name, ov in variants.items():
             r = zoo_run(args.task, root, s, seed, ov, work)
             rows[name].append(r)
             print(f"[seed {seed}] {name}: {r['metric']:.4f} in {r['wall_s']:.0f} s", flush=True)
-    metric = "top-1" if KIND[args.task] == "cls" else "mIoU"
+    metric = METRIC[KIND[args.task]][0]
     base = statistics.mean(r["metric"] for r in rows["plain"])
     base_t = statistics.mean(r["wall_s"] for r in rows["plain"])
     floor = trivial_metric(args.task, root)
     lines = [f"# Recipes: {args.task} ({metric}, last epoch), zoo variants against a plain loop", "",
              f"Command: `python benchmarks/recipes.py {' '.join(argv or sys.argv[1:])}`  ",
              f"Settings: `{json.dumps(s)}`, seeds {seeds}; torch {torch.__version__}, {os.cpu_count()} cores  ",
-             f"A constant prediction (the most frequent class everywhere) scores {floor:.3f}: a side at or below it has "
-             "learned nothing usable.", "",
+             f"{FLOOR[KIND[args.task]]} scores {floor:.3f}: a side at or below it has learned nothing usable.  ",
+             *([f"The plain loop's network before training (random weights) scores "
+                f"{statistics.mean(r['untrained'] for r in rows['plain']):.3f}: below it, training made the "
+                "embedding worse for unseen identities."] if "untrained" in rows["plain"][0] else []), "",
              f"| side | {metric} mean | spread (min-max) | per seed | vs plain | wall s | wall vs plain | overrides |",
              "|---|---|---|---|---|---|---|---|"]
     for name, rs in rows.items():

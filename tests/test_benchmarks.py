@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, SHARED_DATA
 
@@ -41,18 +43,58 @@ def test_speed_benchmark_runs_the_zoo_path_and_the_plain_loop(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,constant", [("cls", "0.500"), ("shapes", "0.2")])
-def test_recipes_benchmark_compares_against_the_plain_loop(tmp_path: Path, task: str, constant: str) -> None:
-    """Balanced real crops (constant 0.5) and the embedded dataset as an image folder (six shapes, the largest
-    class about a fifth of the validation images)."""
-    if task == "cls" and not (SHARED_DATA / "coco128" / "annotations").is_dir():
+@pytest.mark.parametrize("task,size,floor", [
+    ("cls", 32, "A constant prediction (the most frequent class everywhere) scores 0.500"),
+    ("shapes", 32, "A constant prediction (the most frequent class everywhere) scores 0.2"),
+    ("sim", 32, "A random ranking scores 0.0"), ("sim_shapes", 32, "A random ranking scores 0.0"),
+    ("det", 64, "Predicting no boxes scores 0.000")])
+def test_recipes_benchmark_compares_against_the_plain_loop(tmp_path: Path, task: str, size: int, floor: str) -> None:
+    """Balanced real crops (constant 0.5), the embedded dataset as an image folder (six shapes, the largest class
+    about a fifth of the validation images), retrieval of unseen COCO categories and unseen colour-shape pairs, and
+    boxes of the embedded dataset."""
+    if task in ("cls", "sim") and not (SHARED_DATA / "coco128" / "annotations").is_dir():
         pytest.skip("../shared/data not present")
-    rows = _module("recipes").main(["--task", task, "--seeds", "0", "--epochs", "1", "--size", "32", "--work", str(tmp_path / "w"),
-                                    "--out", str(tmp_path / "recipes"), "--variant", "none=recipe=none"])
+    rows = _module("recipes").main(["--task", task, "--seeds", "0", "--epochs", "1", "--size", str(size),
+                                    "--work", str(tmp_path / "w"), "--out", str(tmp_path / "recipes"),
+                                    "--variant", "none=recipe=none"])
     assert set(rows) == {"plain", "zoo default", "none"}
     assert all(0.0 <= r["metric"] <= 1.0 for rs in rows.values() for r in rs)
     text = (tmp_path / "recipes.md").read_text()
-    assert "| plain |" in text and f"A constant prediction (the most frequent class everywhere) scores {constant}" in text
+    assert "| plain |" in text and floor in text
+    assert ("before training (random weights) scores" in text) == task.startswith("sim")
+
+
+def test_recipes_detection_results_map_back_to_the_images_and_categories(tmp_path: Path) -> None:
+    """The plain detection loop's results: ground-truth boxes at the input size (128 px renderings stretched to
+    64), put through ``coco_results``, score AP 1 against the original annotations: boxes are stretched back to
+    each image's size and contiguous labels go back to the dataset's category ids (the shapes' ids have gaps)."""
+    mod = _module("recipes")
+    root = mod.shapes_coco(tmp_path, 6, 6)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import _Ds
+
+    ds = _Ds(root, "val", root / "annotations" / "instances_val.json", 64, "det", False)
+    dets = [{"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"]}
+            for t in (ds[i][1] for i in range(len(ds)))]
+    assert sum(len(d["labels"]) for d in dets) > 0
+    from zoo.metrics.coco_eval import evaluate_coco
+
+    results = mod.coco_results(ds, dets, 64)
+    res = evaluate_coco(str(root / "annotations" / "instances_val.json"), results, "bbox")
+    assert res.to_metrics(prefix="")["mAP"] == pytest.approx(1.0)
+    # the same boxes left at the input size, or with labels unmapped, are wrong: the check can fail
+    wrong = [{**r, "bbox": [v / 2 for v in r["bbox"]]} for r in results]
+    assert evaluate_coco(str(root / "annotations" / "instances_val.json"), wrong, "bbox").to_metrics(prefix="")["mAP"] < 0.5
+
+
+def test_recipes_random_ranking_floor_counts_only_answerable_queries(tmp_path: Path) -> None:
+    """Three categories of 3, 2 and 1 crops: the lone crop cannot be answered; a query of the first finds its
+    category first with probability 2/5, of the second 1/5, so (3 x 2/5 + 2 x 1/5) / 5 = 0.32."""
+    for name, n in (("a", 3), ("b", 2), ("c", 1)):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "val" / name / f"{i}.jpg").write_bytes(b"")
+    assert _module("recipes").trivial_metric("sim", tmp_path) == pytest.approx(0.32)
 
 
 @pytest.mark.slow
