@@ -12,9 +12,17 @@ side, 10 % context, as many other objects as people: coco128's 326 for training,
 ``shapes``: the embedded dataset as an image folder (the largest object's shape; 300 training images, 600 for
 validation; generated, needs no ../shared), resnet18 at 64 px, batch 32, 30 epochs: a low-noise setting for
 telling recipe parts apart.
+``sim``: retrieval of unseen categories on real crops (coco128 + tiny_coco objects at least 24 px, at most 40 per
+category; 30 % of the categories held out: 439 training crops of 51 categories, 224 validation crops of 22), resnet18
+at 64 px, batch 32, 30 epochs; R@1 with each validation crop a query among the others. ``sim_shapes``: the same over
+the embedded dataset's colour-shape identities (unseen pairs at validation). Their plain loop is
+pytorch-metric-learning's triplet example (semi-hard triplets of shuffled batches, a linear embedding).
+``det``: boxes of the embedded dataset (300 training and 300 validation renderings at 128 px, read as a COCO folder
+with ``data=coco``), the zoo's FCOS resnet18 FPN at 128 px, batch 16, 30 epochs; COCO box AP.
 
-Sides per seed: ``plain`` (a hand-written loop: torchvision's ImageFolder / mask reading, RandomResizedCrop + flip,
-AdamW lr 1e-3 wd 0.05 with a per-step cosine schedule, cross-entropy; the metric of the last epoch) and each zoo
+Sides per seed: ``plain`` (a hand-written loop: torchvision's ImageFolder / mask / COCO reading, RandomResizedCrop +
+flip (a stretch resize + flip for boxes), AdamW lr 1e-3 wd 0.05 with a per-step cosine schedule, the task's plain loss
+(cross-entropy; a triplet loss; the detector's own); the metric of the last epoch) and each zoo
 variant through :func:`zoo.training.train` as ``python train.py data=image_folder data.root=<photos>`` runs it
 (the metric of the last epoch from the run's metrics.csv, not of the best checkpoint: no selection on the
 validation set). Wall time beside each. Writes ``benchmarks/results/recipes_<task>.md`` / ``.json``.
@@ -56,6 +64,8 @@ SETTINGS = {"cls": {"size": 64, "batch": 32, "epochs": 30, "backbone": "resnet18
 #: what each setting is scored as: single-label classification from an image folder, semantic masks, open-set
 #: retrieval from an identity folder, or COCO boxes
 KIND = {"cls": "cls", "shapes": "cls", "sem": "sem", "sim": "sim", "sim_shapes": "sim", "det": "det"}
+#: the overrides column of the plain loop's own sides
+PLAIN_NOTE = {"plain + warm-up": "(plain loop) 1 epoch of linear warm-up from 1 %, as the zoo's cosine schedule"}
 #: what the floor line of the results names
 FLOOR = {"cls": "A constant prediction (the most frequent class everywhere)",
          "sem": "A constant prediction (background everywhere)", "sim": "A random ranking",
@@ -265,8 +275,14 @@ def trivial_metric(task: str, root: Path) -> float:
 
 
 # --------------------------------------------------------------------------- plain loops
-def _cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+def _cosine(opt: torch.optim.Optimizer, total: int, warmup: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine decay to 0 over ``total`` steps; with ``warmup``, a linear ramp from 1 % over its first steps
+    (what the zoo's scheduler does by default: ``--plain-warmup`` tells that part apart from the rest)."""
+    def factor(s: int) -> float:
+        cos = 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        return cos * (0.01 + 0.99 * s / warmup) if s < warmup else cos
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def plain_cls(root: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -286,7 +302,7 @@ def plain_cls(root: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
                                      drop_last=True)
     model = timm.create_model(s["backbone"], num_classes=len(train.classes))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = _cosine(opt, s["epochs"] * len(dl))
+    sched = _cosine(opt, s["epochs"] * len(dl), int(s.get("warmup_epochs", 0) * len(dl)))
     for _ in range(s["epochs"]):
         model.train()
         for x, y in dl:
@@ -340,7 +356,7 @@ def plain_sem(root: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
             "input_size": [s["size"], s["size"]], "task": "semantic"}
     model = create_model(spec, load_backbone_weights=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = _cosine(opt, s["epochs"] * len(dl))
+    sched = _cosine(opt, s["epochs"] * len(dl), int(s.get("warmup_epochs", 0) * len(dl)))
 
     def logits(x):
         out = model(x)["seg"]["logits"]
@@ -417,7 +433,7 @@ def plain_sim(root: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
     loss_fn, miner = losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2,
                                                                                       type_of_triplets="semihard")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = _cosine(opt, s["epochs"] * len(dl))
+    sched = _cosine(opt, s["epochs"] * len(dl), int(s.get("warmup_epochs", 0) * len(dl)))
     for _ in range(s["epochs"]):
         model.train()
         for x, y in dl:
@@ -440,7 +456,7 @@ def plain_det(root: Path, s: dict[str, Any], seed: int, work: Path) -> dict[str,
     from zoo.metrics.coco_eval import evaluate_coco
 
     torch.manual_seed(seed)
-    model = zoo_network("det", root, s, work)  # built before the clock, as the zoo side's wall time leaves it out
+    model = zoo_network("det", root, s, work)  # before the clock: composing a config is no part of a plain loop
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     size = s["size"]
@@ -450,7 +466,7 @@ def plain_det(root: Path, s: dict[str, Any], seed: int, work: Path) -> dict[str,
                                      drop_last=True, collate_fn=_collate)
     head = model.heads["det"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = _cosine(opt, s["epochs"] * len(dl))
+    sched = _cosine(opt, s["epochs"] * len(dl), int(s.get("warmup_epochs", 0) * len(dl)))
     for _ in range(s["epochs"]):
         model.train()
         for x, y in dl:
@@ -521,6 +537,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--size", type=int, default=None, help="override the task's image size (the tests: a tiny one)")
     ap.add_argument("--variant", action="append", default=None,
                     help="name=override[;override...] (repeatable); default: the zoo default recipe only")
+    ap.add_argument("--plain-warmup", action="store_true",
+                    help="also run the plain loop with the zoo's default warm-up (1 epoch, linear from 1 %%)")
     ap.add_argument("--out", default=None, help="results path without suffix; default: "
                     "benchmarks/results/recipes_<task> (.md and .json)")
     ap.add_argument("--work", default=None)
@@ -548,12 +566,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             validate(zoo_config(args.task, root, s, seeds[0], ov, work / "check"), TrainConfig)
         except Exception as err:
             raise SystemExit(f"--variant {name!r}: {err}") from None
-    rows: dict[str, list[dict[str, Any]]] = {"plain": [], **{k: [] for k in variants}}
+    plains = {"plain": s, **({"plain + warm-up": {**s, "warmup_epochs": 1}} if args.plain_warmup else {})}
+    rows: dict[str, list[dict[str, Any]]] = {**{k: [] for k in plains}, **{k: [] for k in variants}}
     plain = {"cls": plain_cls, "sem": plain_sem, "sim": plain_sim, "det": plain_det}[KIND[args.task]]
     for seed in seeds:
-        r = plain(root, s, seed, work) if KIND[args.task] == "det" else plain(root, s, seed)
-        rows["plain"].append(r)
-        print(f"[seed {seed}] plain: {r['metric']:.4f} in {r['wall_s']:.0f} s", flush=True)
+        for name, ps in plains.items():
+            r = plain(root, ps, seed, work) if KIND[args.task] == "det" else plain(root, ps, seed)
+            rows[name].append(r)
+            print(f"[seed {seed}] {name}: {r['metric']:.4f} in {r['wall_s']:.0f} s", flush=True)
         for name, ov in variants.items():
             r = zoo_run(args.task, root, s, seed, ov, work)
             rows[name].append(r)
@@ -576,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = statistics.mean(r["wall_s"] for r in rs)
         lines.append(f"| {name} | {statistics.mean(m):.3f} | {min(m):.3f}-{max(m):.3f} | "
                      f"{' '.join(f'{x:.3f}' for x in m)} | {statistics.mean(m) - base:+.3f} | {t:.0f} | "
-                     f"{t / base_t:.2f}x | {' '.join(variants.get(name, [])) or '-'} |")
+                     f"{t / base_t:.2f}x | {PLAIN_NOTE.get(name) or ' '.join(variants.get(name, [])) or '-'} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"recipes_{args.task}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -46,22 +47,32 @@ def test_speed_benchmark_runs_the_zoo_path_and_the_plain_loop(tmp_path: Path) ->
 @pytest.mark.parametrize("task,size,floor", [
     ("cls", 32, "A constant prediction (the most frequent class everywhere) scores 0.500"),
     ("shapes", 32, "A constant prediction (the most frequent class everywhere) scores 0.2"),
-    ("sim", 32, "A random ranking scores 0.0"), ("sim_shapes", 32, "A random ranking scores 0.0"),
-    ("det", 64, "Predicting no boxes scores 0.000")])
+    ("sim_shapes", 32, "A random ranking scores 0.0"), ("det", 64, "Predicting no boxes scores 0.000")])
 def test_recipes_benchmark_compares_against_the_plain_loop(tmp_path: Path, task: str, size: int, floor: str) -> None:
     """Balanced real crops (constant 0.5), the embedded dataset as an image folder (six shapes, the largest class
-    about a fifth of the validation images), retrieval of unseen COCO categories and unseen colour-shape pairs, and
-    boxes of the embedded dataset."""
-    if task in ("cls", "sim") and not (SHARED_DATA / "coco128" / "annotations").is_dir():
+    about a fifth of the validation images), retrieval of unseen colour-shape pairs, and boxes of the embedded
+    dataset (with the plain loop's warm-up side too)."""
+    if task == "cls" and not (SHARED_DATA / "coco128" / "annotations").is_dir():
         pytest.skip("../shared/data not present")
+    warmup = ["--plain-warmup"] if task == "det" else []
     rows = _module("recipes").main(["--task", task, "--seeds", "0", "--epochs", "1", "--size", str(size),
                                     "--work", str(tmp_path / "w"), "--out", str(tmp_path / "recipes"),
-                                    "--variant", "none=recipe=none"])
-    assert set(rows) == {"plain", "zoo default", "none"}
+                                    "--variant", "none=recipe=none", *warmup])
+    assert set(rows) == {"plain", "zoo default", "none", *(["plain + warm-up"] if warmup else [])}
     assert all(0.0 <= r["metric"] <= 1.0 for rs in rows.values() for r in rs)
     text = (tmp_path / "recipes.md").read_text()
     assert "| plain |" in text and floor in text
     assert ("before training (random weights) scores" in text) == task.startswith("sim")
+    assert ("| plain + warm-up |" in text) == bool(warmup)
+
+
+def test_recipes_plain_warmup_ramps_then_follows_the_cosine() -> None:
+    mod = _module("recipes")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    f = mod._cosine(opt, 100, 10).lr_lambdas[0]
+    assert f(0) == pytest.approx(0.01) and f(5) < f(9) < f(10)
+    assert f(10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1))) and f(100) == pytest.approx(0.0)
+    assert mod._cosine(opt, 100).lr_lambdas[0](0) == pytest.approx(1.0)  # no warm-up: the plain loop's own
 
 
 def test_recipes_detection_results_map_back_to_the_images_and_categories(tmp_path: Path) -> None:
@@ -115,3 +126,16 @@ def test_generation_speed_benchmark_compares_zoo_onnx_and_diffusers(tmp_path: Pa
     text = (tmp_path / "gen.md").read_text()
     assert "| ddim | 1 | zoo-onnx |" in text and "Command: `python benchmarks/generation_speed.py" in text
     assert json.loads((tmp_path / "gen.json").read_text())["versions"]["diffusers"]
+
+
+def test_recipes_category_crops_hold_out_whole_categories_and_cap_each(tmp_path: Path) -> None:
+    """Open-set retrieval: no category has crops on both sides, none has more than the cap (people would be most
+    of a split otherwise), and the crops of the two subsets do not overwrite each other."""
+    if not (SHARED_DATA / "coco128" / "annotations").is_dir():
+        pytest.skip("../shared/data not present")
+    root = _module("recipes").category_crops(tmp_path, cap=40)
+    cats = {s: {d.name: len(list(d.glob("*.jpg"))) for d in (root / s).iterdir()} for s in ("train", "val")}
+    assert cats["train"] and cats["val"] and not set(cats["train"]) & set(cats["val"])
+    assert max(n for c in cats.values() for n in c.values()) == 40
+    assert sum(cats["train"].values()) + sum(cats["val"].values()) == 663
+    assert {p.name.split("_")[0] for p in root.rglob("*.jpg")} == {"coco128", "tiny"}
