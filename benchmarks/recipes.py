@@ -285,19 +285,25 @@ def _cosine(opt: torch.optim.Optimizer, total: int, warmup: int = 0) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def plain_cls(root: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
-    import timm
+def _folders(root: Path, size: int):
+    """torchvision ImageFolders of ``root/train`` (RandomResizedCrop 0.5-1 + flip) and ``root/val`` (a resize)."""
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2 as T
 
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    size = s["size"]
     tf = T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), T.RandomHorizontalFlip(),
                     T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
     vt = T.Compose([T.Resize((size, size), antialias=True), T.ToImage(), T.ToDtype(torch.float32, scale=True),
                     T.Normalize(MEAN, STD)])
-    train, val = ImageFolder(str(root / "train"), tf), ImageFolder(str(root / "val"), vt)
+    return ImageFolder(str(root / "train"), tf), ImageFolder(str(root / "val"), vt)
+
+
+def plain_cls(root: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
+    import timm
+
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    size = s["size"]
+    train, val = _folders(root, size)
     dl = torch.utils.data.DataLoader(train, s["batch"], shuffle=True, num_workers=2, persistent_workers=True,
                                      drop_last=True)
     model = timm.create_model(s["backbone"], num_classes=len(train.classes))
@@ -402,18 +408,12 @@ def plain_sim(root: Path, s: dict[str, Any], seed: int) -> dict[str, Any]:
     categories' crops, each crop a query among all the others (the metric the zoo side logs)."""
     import timm
     from pytorch_metric_learning import losses, miners
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2 as T
 
     from zoo.metrics.retrieval import retrieval_metrics
 
     torch.manual_seed(seed)
     size = s["size"]
-    tf = T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), T.RandomHorizontalFlip(),
-                    T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
-    vt = T.Compose([T.Resize((size, size), antialias=True), T.ToImage(), T.ToDtype(torch.float32, scale=True),
-                    T.Normalize(MEAN, STD)])
-    train, val = ImageFolder(str(root / "train"), tf), ImageFolder(str(root / "val"), vt)
+    train, val = _folders(root, size)
     backbone = timm.create_model(s["backbone"], num_classes=0)
     model = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, 128))
 
