@@ -101,3 +101,51 @@ def test_own_masks_get_the_measured_semantic_recipe_and_recipe_none_drops_its_lo
     assert [op["type"] for op in plain.data.augment] == ["RandomResizedCrop", "HorizontalFlip"]
     # an explicit command-line choice still wins over the recipe
     assert compose("train", [*base, "model.heads.seg.dice_weight=0.0"]).model.heads.seg.dice_weight == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- small data
+def test_auto_epochs_sizes_small_data_in_steps_and_large_data_in_epochs() -> None:
+    from zoo.callbacks import AutoEpochs
+
+    a = AutoEpochs(min_epochs=10, min_steps=2000, cap=1000)
+    assert a.choose(4) == 500 and a.steps_per_epoch == 4  # 300 photos at batch 64 (4 full batches): 2000 steps
+    assert a.choose(1848) == 10  # COCO train2017 at batch 64: 10 epochs, ~18,000 steps
+    assert a.choose(300) == 10 and a.choose(199) == 11  # the step floor starts to count below 200 batches an epoch
+    assert a.choose(8, accumulate=4) == 1000  # 2 optimizer steps an epoch: 1000 epochs (also the cap)
+    assert a.choose(1, accumulate=1) == 1000  # capped
+    assert a.choose(float("inf")) == 10 and a.steps_per_epoch is None  # a stream of unknown length
+    with pytest.raises(ValueError, match="auto_epochs"):
+        AutoEpochs(min_epochs=10, min_steps=100, cap=5)
+
+
+def test_the_default_run_length_is_auto_and_an_explicit_one_is_kept(tmp_path) -> None:
+    from zoo.config import TrainConfig, validate
+
+    assert validate(compose("train", [], tmp_path), TrainConfig).trainer.max_epochs is None
+    assert validate(compose("train", ["trainer.max_epochs=3"], tmp_path), TrainConfig).trainer.max_epochs == 3
+
+
+@pytest.mark.parametrize("length", ["auto", "explicit", "max_steps"])
+def test_train_runs_as_many_steps_as_the_schedule_says(length: str, tmp_path) -> None:
+    """94 training images in batches of 16: 5 steps an epoch. auto with min_steps=12 -> 3 epochs (15 steps), and
+    the cosine schedule spans those 15 steps (the last lr is the floor, not a value mid-decay); an explicit
+    max_epochs=2 -> 10 steps; max_steps=7 with max_epochs=null -> 7 steps."""
+    import csv
+
+    from tests.conftest import FAST, SMALL_SHAPES
+    from zoo.training import train
+
+    ov = {"auto": ["trainer.auto_epochs.min_epochs=1", "trainer.auto_epochs.min_steps=12"],
+          "explicit": ["trainer.max_epochs=2", "trainer.auto_epochs.min_steps=12"],
+          "max_steps": ["trainer.max_steps=7"]}[length]
+    cfg = compose("train", ["backbone=test_resnet", "model.input_size=[32,32]", *FAST, *SMALL_SHAPES,
+                            "data.batch_size=16", "data.augment=[]", "export_bundle=false", "run_eval=false",
+                            "scheduler.warmup_epochs=0", "callbacks.lr_monitor=true", "trainer.log_every_n_steps=1", *ov], tmp_path / "run")
+    train(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    steps, epochs = last["global_step"], last["epoch"] + 1
+    assert (steps, epochs) == {"auto": (15, 3), "explicit": (10, 2), "max_steps": (7, 2)}[length], (steps, epochs)
+    if length == "auto":
+        rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+        lrs = [float(r[k]) for r in rows for k in r if k.startswith("lr-") and r[k]]
+        assert lrs and lrs[-1] < 0.05 * lrs[0], lrs  # decayed over the 15 steps (min_lr_factor 0.01)

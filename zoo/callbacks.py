@@ -22,7 +22,7 @@ import torch
 from zoo.checkpointing import rank_zero_decides
 from zoo.progress import emit, progress_logger  # noqa: F401  (re-exported)
 
-__all__ = ["Visualize", "draw_prediction", "EpochSummary", "ZooModelSummary", "emit", "progress_logger"]
+__all__ = ["Visualize", "draw_prediction", "EpochSummary", "AutoEpochs", "ZooModelSummary", "emit", "progress_logger"]
 
 #: Predictions below this score are not drawn (detection / instance).
 DRAW_SCORE = 0.3
@@ -445,3 +445,48 @@ class ValidationSchedule(pl.Callback):
             return
         self._since = 0
         self.validated_epochs.append(int(trainer.current_epoch))
+
+
+class AutoEpochs(pl.Callback):
+    """``trainer.max_epochs=null`` (the default): a schedule sized in optimizer steps, not in epochs.
+
+    A fixed number of epochs means very different training on different data: 10 epochs of COCO at batch 64 are
+    ~18,000 optimizer steps, 10 epochs of 300 photos are 50, which leaves a randomly initialised network close to
+    where it started. So the run lasts ``max(min_epochs, ceil(min_steps / steps_per_epoch))`` epochs, at most
+    ``cap`` (large data: ``min_epochs``; a few hundred images: ``min_steps`` steps). The epoch count is fixed when
+    fitting is set up, before the optimizer and its schedule are built (so warm-up and cosine decay span the chosen
+    run), from the training batches of one process (``limit_train_batches`` and the distributed sampler counted)
+    and ``accumulate_grad_batches``; it is logged, and the same data gives the same count on resume.
+    """
+
+    def __init__(self, *, min_epochs: int, min_steps: int, cap: int) -> None:
+        if min_epochs < 1 or min_steps < 0 or cap < min_epochs:
+            raise ValueError(f"trainer.auto_epochs: need min_epochs >= 1, min_steps >= 0 and cap >= min_epochs "
+                             f"(got min_epochs={min_epochs}, min_steps={min_steps}, cap={cap})")
+        self.min_epochs, self.min_steps, self.cap = int(min_epochs), int(min_steps), int(cap)
+        #: the chosen number of epochs and the optimizer steps of one epoch (None until fitting is set up)
+        self.epochs: int | None = None
+        self.steps_per_epoch: int | None = None
+
+    def choose(self, batches_per_epoch: float, accumulate: int = 1) -> int:
+        """The number of epochs for ``batches_per_epoch`` training batches per epoch (``inf``: a stream of unknown
+        length, which gets ``min_epochs``)."""
+        if not math.isfinite(batches_per_epoch) or batches_per_epoch <= 0:
+            self.steps_per_epoch = None
+            return self.min_epochs
+        self.steps_per_epoch = max(1, math.ceil(int(batches_per_epoch) / max(1, int(accumulate))))
+        return min(self.cap, max(self.min_epochs, math.ceil(self.min_steps / self.steps_per_epoch)))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.epochs is not None:
+            return
+        trainer.fit_loop.setup_data()  # what estimated_stepping_batches would load a moment later
+        self.epochs = self.choose(trainer.num_training_batches, trainer.accumulate_grad_batches)
+        trainer.fit_loop.max_epochs = self.epochs
+        if not trainer.is_global_zero:
+            return
+        per = (f"{self.steps_per_epoch} optimizer steps per epoch" if self.steps_per_epoch
+               else "a stream of unknown length")
+        emit(f"trainer.max_epochs=null: training for {self.epochs} epochs ({per}; trainer.auto_epochs: at least "
+             f"{self.min_epochs} epochs and {self.min_steps} steps, at most {self.cap} epochs). Give "
+             "trainer.max_epochs=N for a fixed number.")

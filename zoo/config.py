@@ -245,13 +245,27 @@ class AutoValConf:
 
 
 @dataclass
+class AutoEpochsConf:
+    """``trainer.max_epochs=null`` (zoo.callbacks.AutoEpochs): the run's length in optimizer steps, not epochs."""
+
+    #: never fewer epochs than this (large data: this many epochs)
+    min_epochs: int = 10
+    #: never fewer optimizer steps than this (a few hundred images: this many steps, however many epochs it takes)
+    min_steps: int = 2000
+    #: never more epochs than this
+    cap: int = 1000
+
+
+@dataclass
 class TrainerConf:
     accelerator: str = "cpu"
     devices: Any = 1
     strategy: Any = "auto"
     num_nodes: int = 1
     precision: str = "32-true"
-    max_epochs: int = 10
+    #: null: sized by auto_epochs (at least min_epochs epochs and min_steps optimizer steps); an integer: exactly that
+    max_epochs: Optional[int] = None
+    auto_epochs: AutoEpochsConf = field(default_factory=lambda: AutoEpochsConf())
     max_steps: int = -1
     min_epochs: Optional[int] = None
     #: as in Lightning: an integer is a number of batches (1 = one batch), a float a fraction (1.0 = all)

@@ -147,6 +147,16 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
     from zoo.checkpointing import build_run_callbacks
 
     callbacks: list = []
+    max_epochs = t.max_epochs
+    if max_epochs is None:  # sized in optimizer steps (zoo.callbacks.AutoEpochs), unless max_steps ends the run
+        if (t.max_steps or -1) > 0 or t.fast_dev_run:
+            max_epochs = -1
+        else:
+            from zoo.callbacks import AutoEpochs
+
+            a = t.auto_epochs
+            callbacks.append(AutoEpochs(min_epochs=int(a.min_epochs), min_steps=int(a.min_steps), cap=int(a.cap)))
+            max_epochs = int(a.min_epochs)  # replaced when fitting is set up, before the schedule is built
     # best.ckpt + an atomic last.ckpt on its own schedule, interrupt saves, writable check at fit setup
     # (zoo.checkpointing.ZooCheckpoint); mid-epoch resumable training data; the NaN/inf guard.
     ckpt_cb, safety_cbs = build_run_callbacks(cfg, out_dir, monitor=monitor, mode=mode)
@@ -188,7 +198,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), num_nodes=t.num_nodes,
         plugins=cluster_plugins() or None,
-        precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps, min_epochs=t.min_epochs,
+        precision=t.precision, max_epochs=max_epochs, max_steps=t.max_steps, min_epochs=t.min_epochs,
         check_val_every_n_epoch=every,
         # pcgrad steps by hand (manual optimisation) and clips there itself
         gradient_clip_val=None if OmegaConf.select(cfg, "model.balance") == "pcgrad" else t.gradient_clip_val,
