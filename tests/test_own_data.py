@@ -281,6 +281,57 @@ def test_val_fraction_errors_name_the_fix(tmp_path: Path) -> None:
         _datamodule([*base, "data.val_fraction=0.3"], tmp_path)
 
 
+def _coco_train_only(tmp_path: Path, n: int = 20) -> Path:
+    """A COCO folder with a training json and no validation json (the embedded dataset's boxes, 64 px)."""
+    from zoo.data.shapes import ensure_shapes_dataset
+
+    src = Path(ensure_shapes_dataset(tmp_path / "shapes", num_train=n, num_val=0, image_size=64))
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "instances_train.json").symlink_to(src / "annotations" / "instances_train.json")
+    (root / "train").symlink_to(src / "train")
+    return root
+
+
+def test_coco_without_a_validation_json_holds_out_images_instead_of_validating_on_the_training_ones(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It validated on the training images (a warning said so), so best.ckpt was picked by how well the model fitted
+    them. Now 20 % of the training json's images are held out, as data.val_fraction=0.2, and COCO AP reads those."""
+    root = _coco_train_only(tmp_path)
+    base = ["model=detection", "data=coco", f"data.root={root}", "data.train_split=train", "data.val_split=val",
+            "backbone=test_resnet", "model.input_size=[64,64]"]
+    with caplog.at_level("WARNING", logger="zoo"):
+        dm = _datamodule(base, tmp_path)
+    tr = [r.image_id for r in dm.train_set.records]
+    va = [r.image_id for r in dm.val_set.records]
+    assert len(tr) == 16 and len(va) == 4 and not set(tr) & set(va)
+    assert dm.val_set.augment is None and dm.train_set.augment is not None
+    assert "holding out 20% of the images" in caplog.text and "data.val_fraction" in caplog.text
+    assert dm.info["val_ann_file"].endswith("instances_train.json")
+    assert [r.image_id for r in _datamodule([*base, "data.val_fraction=0.2"], tmp_path).val_set.records] == va
+    assert [r.image_id for r in _datamodule([*base, "data.val_seed=1"], tmp_path).val_set.records] != va
+    # validating on the training images is still one override away (the overfit checks do so)
+    same = _datamodule([*base, "data.val_split=train"], tmp_path)
+    assert len(same.val_set) == len(same.train_set) == 20
+    (root / "annotations" / "instances_val.json").write_bytes((root / "annotations" / "instances_train.json").read_bytes())
+    with pytest.raises(ConfigError, match="validation json .* exists too"):
+        _datamodule([*base, "data.val_fraction=0.2"], tmp_path)
+
+
+def test_evaluate_redraws_the_coco_images_a_run_held_out(tmp_path: Path) -> None:
+    from zoo.tasks.multitask import _held_out_split_of_training
+
+    root = _coco_train_only(tmp_path)
+    info = {"root": str(root), "val_fraction": 0.25, "val_seed": 3}
+    dcfg = {"kind": "coco", "root": str(root), "val_split": "val", "val_fraction": None}
+    _held_out_split_of_training(dcfg, info, single=True)
+    assert (dcfg["val_fraction"], dcfg["val_seed"]) == (0.25, 3)
+    (root / "annotations" / "instances_val.json").symlink_to(root / "annotations" / "instances_train.json")
+    dcfg = {"kind": "coco", "root": str(root), "val_split": "val", "val_fraction": None}
+    _held_out_split_of_training(dcfg, info, single=True)  # a validation json now: evaluate on it
+    assert dcfg["val_fraction"] is None
+
+
 # --------------------------------------------------------------------- 7. evaluate.py takes what the ckpt knows
 def test_evaluate_mask_folder_takes_class_names_from_the_checkpoint(tmp_path: Path) -> None:
     from zoo.evaluation import evaluate

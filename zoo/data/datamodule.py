@@ -358,17 +358,24 @@ def _coco_sets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], augment
     kw = dict(on_bad=cfg.get("on_bad_annotation", "raise"), min_box_size=cfg.get("min_box_size", 1.0),
               verify_images=bool(cfg.get("verify_images", False)))
     indices = {}
+    held = _coco_holdout(cfg, root, stages)
+    if held is not None:  # data.val_fraction (or no validation json): both splits from the training json's images
+        tann, timg = held
+        index = CocoIndex(tann, timg, **kw)
+        ids = [r.image_id for r in index.records]
+        train_idx, val_idx = _holdout(cfg, tann, len(ids), None)
+        sizes = (cfg.get("extra") or {}).get("multiscale")
+        for stage in stages:
+            ds = CocoDataset(index, fmt, augment=augment if stage == "train" else None,
+                             image_ids=[ids[i] for i in (train_idx if stage == "train" else val_idx)],
+                             train_sizes=sizes if stage == "train" else None, **pre)
+            out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
+            out[f"{stage}_ann_file"] = str(tann)  # COCO evaluation reads the held-out images' ids only
+        out["class_names"], out["category_ids"] = index.class_names, index.cat_ids
+        return out
     for stage in stages:
         split = cfg[f"{stage}_split"]
         ann, img = resolve_coco_split(root, split, ann_file=cfg.get(f"{stage}_ann"), images=cfg.get(f"{stage}_images"))
-        if stage == "val" and not ann.is_file():
-            tsplit = cfg["train_split"]
-            tann, timg = resolve_coco_split(root, tsplit, ann_file=cfg.get("train_ann"), images=cfg.get("train_images"))
-            if tann.is_file():
-                log.warning("validation split %s not found at %s: validating on the training split %s (how well the "
-                            "model fits, not how it generalises). Set data.val_split to use a held-out split.",
-                            split, ann, tsplit)
-                ann, img = tann, timg
         key = (str(ann), str(img))
         if key not in indices:
             indices[key] = CocoIndex(ann, img, **kw)
@@ -380,6 +387,33 @@ def _coco_sets(cfg: Mapping[str, Any], fmt: str, pre: Mapping[str, Any], augment
         out.setdefault("category_ids", index.cat_ids)
         out[f"{stage}_ann_file"] = str(ann)
     return out
+
+
+def _coco_holdout(cfg: Mapping[str, Any], root: Path, stages: Sequence[str]) -> tuple[Path, Path] | None:
+    """The training json and image folder that ``data.val_fraction`` splits for ``data=coco``, or ``None`` when the
+    validation split has a json of its own. Without a validation json and without ``val_fraction``, 20 % of the
+    training images are held out (as ``data.val_fraction=0.2``; a warning says so), never validated on the images
+    the model trains on."""
+    from zoo.config import ConfigError
+
+    if cfg["kind"] != "coco" or "val" not in stages:
+        return None
+    frac = cfg.get("val_fraction")
+    vann, _ = resolve_coco_split(root, cfg["val_split"], ann_file=cfg.get("val_ann"), images=cfg.get("val_images"))
+    tann, timg = resolve_coco_split(root, cfg["train_split"], ann_file=cfg.get("train_ann"),
+                                    images=cfg.get("train_images"))
+    if frac is not None and vann.is_file() and vann.resolve() != tann.resolve():
+        raise ConfigError(f"data.val_fraction={frac} holds validation images out of the training json {tann}, but "
+                          f"the validation json {vann} exists too: remove data.val_fraction to validate on it, or "
+                          "point data.val_split / data.val_ann at one that does not exist")
+    if frac is None and (vann.is_file() or not tann.is_file()):
+        return None  # a validation json (or no training json either: CocoIndex names the missing file)
+    if frac is None:
+        frac = cfg["val_fraction"] = AUTO_VAL_FRACTION  # recorded in the checkpoint: evaluate.py redraws the split
+        log.warning("data=coco: no validation json %s: holding out %d%% of the images of %s for validation "
+                    "(data.val_fraction=%s, seed data.val_seed=%s); give data.val_ann or data.val_fraction to choose",
+                    vann, round(100 * frac), tann, frac, cfg.get("val_seed", 0))
+    return tann, timg
 
 
 def holdout_split(n: int, fraction: float, seed: int = 0, labels: Sequence[int] | None = None

@@ -643,7 +643,14 @@ def _held_out_split_of_training(dcfg: dict[str, Any], data_info: Mapping[str, An
     if not single or frac is None or dcfg.get("val_fraction") is not None or not root or not trained_root:
         return
     root_p = Path(str(root)).expanduser()
-    if root_p.resolve() != Path(str(trained_root)).expanduser().resolve() or (root_p / dcfg["val_split"]).is_dir():
+    if dcfg.get("kind") == "coco":
+        from zoo.data.datamodule import resolve_coco_split
+
+        has_val = resolve_coco_split(root_p, dcfg["val_split"], ann_file=dcfg.get("val_ann"),
+                                     images=dcfg.get("val_images"))[0].is_file()
+    else:
+        has_val = (root_p / dcfg["val_split"]).is_dir()
+    if root_p.resolve() != Path(str(trained_root)).expanduser().resolve() or has_val:
         return
     dcfg["val_fraction"], dcfg["val_seed"] = float(frac), int(data_info.get("val_seed") or 0)
     log.info("data.val_fraction=%s, data.val_seed=%s from the checkpoint: validating on the images its training run "
