@@ -318,6 +318,29 @@ def test_coco_without_a_validation_json_holds_out_images_instead_of_validating_o
         _datamodule([*base, "data.val_fraction=0.2"], tmp_path)
 
 
+@pytest.mark.parametrize("layout", ["split_folder", "flat"])
+def test_identity_folder_without_a_validation_folder_holds_out_identities(layout: str, tmp_path: Path) -> None:
+    """It stopped with 'image folder <root>/val does not exist'. Now 20 % of the identities (not of the images: the
+    validation is open-set retrieval) are held out, and the training labels stay 0..n-1 over the kept ones."""
+    root = tmp_path / "ids"
+    colours = {f"id{i}": (40 * i, 200 - 30 * i, 90) for i in range(5)}
+    colour_folders(root / "train" if layout == "split_folder" else root, colours, n=4, size=16)
+    base = ["model=similarity", "data=identity_folder", f"data.root={root}", "backbone=test_resnet",
+            "model.input_size=[32,32]"]
+    dm = _datamodule(base, tmp_path)
+    train_ids, val_ids = dm.info["train_identities"], dm.info["test_identities"]
+    assert len(val_ids) == 1 and len(train_ids) == 4 and not set(train_ids) & set(val_ids)
+    assert sorted({p.parent.name for p, _ in dm.val_set.samples}) == val_ids and len(dm.val_set) == 4
+    assert sorted({p.parent.name for p, _ in dm.train_set.samples}) == sorted(train_ids)
+    assert sorted(set(dm.train_set.labels())) == [0, 1, 2, 3] and dm.train_set.class_names == train_ids
+    assert all(dm.train_set.class_names[lab] == p.parent.name for p, lab in dm.train_set.samples)
+    assert dm.val_set.augment is None and dm.train_set.augment is not None
+    drawn = {tuple(_datamodule([*base, f"data.val_seed={k}"], tmp_path).info["test_identities"]) for k in range(4)}
+    assert len(drawn) > 1  # seeded: another val_seed holds out another identity
+    with pytest.raises(ConfigError, match="identities"):
+        _datamodule([*base, "data.val_fraction=0.99"], tmp_path)
+
+
 def test_evaluate_redraws_the_coco_images_a_run_held_out(tmp_path: Path) -> None:
     from zoo.tasks.multitask import _held_out_split_of_training
 

@@ -632,6 +632,26 @@ def _identity_folder_sets(cfg, fmt, pre, augment, stages):
         raise ValueError("data.root is required for data=identity_folder: <root>/<split>/<identity>/<images>")
     root = Path(cfg["root"]).expanduser()
     out: dict[str, Any] = {"root": str(root)}
+    src = _holdout_source(cfg, root, "identity_folder", "<identity>/<images>", stages)
+    if src is not None:  # data.val_fraction: a fraction of the *identities* held out (open set), not of the images
+        from zoo.config import ConfigError
+        from zoo.data.crops import split_identities
+
+        full = ImageFolderDataset(src, **pre)
+        frac, seed = float(cfg["val_fraction"]), int(cfg.get("val_seed") or 0)
+        try:
+            train_ids, val_ids = split_identities(full.class_names, frac, seed)
+        except ValueError as err:
+            raise ConfigError(f"data=identity_folder, data.val_fraction={frac} of the identities in {src}: {err}; "
+                              f"give more identities or a <root>/{cfg['val_split']} folder of other ones") from None
+        log.info("data.val_fraction=%s: %d of the %d identities in %s held out for open-set validation "
+                 "(data.val_seed=%d)", frac, len(val_ids), len(full.class_names), src, seed)
+        out["train_identities"], out["test_identities"] = train_ids, val_ids
+        for stage in stages:
+            ds = (full.with_classes(train_ids, augment=augment) if stage == "train" else full.with_classes(val_ids))
+            out[stage] = _limit(ds, cfg.get(f"limit_{stage}_images"))
+        out["class_names"] = train_ids
+        return out
     for stage in ("train", "val"):
         if stage not in stages and stage != "train":
             continue

@@ -73,6 +73,22 @@ class ImageFolderDataset(Dataset):
         out.augment = augment
         return out
 
+    def with_classes(self, names: Sequence[str], *, augment: Callable | None = None) -> "ImageFolderDataset":
+        """A copy holding only the items of the classes ``names``, labelled by their position in ``names`` (the
+        identities held out of one folder for open-set validation, ``data=identity_folder`` with
+        ``data.val_fraction``)."""
+        import copy
+
+        new = {n: i for i, n in enumerate(names)}
+        missing = sorted(set(new) - set(self.class_names))
+        if missing:
+            raise ValueError(f"{self.root} has no class folders {missing}")
+        out = copy.copy(self)
+        out.class_names = list(names)
+        out.samples = [(p, new[self.class_names[lab]]) for p, lab in self.samples if self.class_names[lab] in new]
+        out.augment = augment
+        return out
+
     #: decode JPEGs at 1/2, 1/4 or 1/8 scale when both sides stay >= this many pixels (None: full size); set by the
     #: data module (``data.fast_decode``)
     decode_min_side: int | None = None
