@@ -149,3 +149,33 @@ def test_train_runs_as_many_steps_as_the_schedule_says(length: str, tmp_path) ->
         rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
         lrs = [float(r[k]) for r in rows for k in r if k.startswith("lr-") and r[k]]
         assert lrs and lrs[-1] < 0.05 * lrs[0], lrs  # decayed over the 15 steps (min_lr_factor 0.01)
+
+
+def test_scaled_lr_rules() -> None:
+    from zoo.tasks.base import scaled_lr
+
+    assert scaled_lr(0.1, 512, 256, "auto", "sgd") == pytest.approx(0.2)  # linear for SGD
+    assert scaled_lr(1e-3, 1024, 256, "auto", "adamw") == pytest.approx(2e-3)  # sqrt for the Adam family
+    assert scaled_lr(1e-3, 64, 256, "linear", "adamw") == pytest.approx(2.5e-4)
+    assert scaled_lr(1e-3, 256, 256) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr_scaling"):
+        scaled_lr(1e-3, 64, 256, "cubic")
+
+
+@pytest.mark.parametrize("accumulate,expected", [(1, 2e-3 * 2 ** 0.5), (2, 4e-3)])
+def test_lr_follows_the_global_batch_when_lr_batch_is_given(accumulate: int, expected: float, tmp_path) -> None:
+    """lr 2e-3 given for a batch of 8 (AdamW: square-root rule); the run's batch is 16 x 1 process x accumulate."""
+    import csv
+
+    from tests.conftest import FAST, SMALL_SHAPES
+    from zoo.training import train
+
+    cfg = compose("train", ["backbone=test_resnet", "model.input_size=[32,32]", *FAST, *SMALL_SHAPES,
+                            "data.batch_size=16", "data.augment=[]", "export_bundle=false", "run_eval=false",
+                            "scheduler=constant", "callbacks.lr_monitor=true", "trainer.log_every_n_steps=1",
+                            "trainer.max_steps=2", "optimizer.lr=2e-3", "optimizer.lr_batch=8",
+                            f"trainer.accumulate_grad_batches={accumulate}"], tmp_path / "run")
+    train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    lrs = {float(r[k]) for r in rows for k in r if k.startswith("lr-") and r[k]}
+    assert lrs and all(v == pytest.approx(expected) for v in lrs), lrs

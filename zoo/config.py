@@ -202,6 +202,11 @@ class OptimizerConf:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     no_weight_decay_norm_bias: bool = True
     backbone_lr_mult: float = 1.0
+    #: the global batch ``lr`` is given for (null: ``lr`` as given). Set, ``lr`` is rescaled to the run's global batch
+    #: (data.batch_size x processes x accumulate_grad_batches) by ``lr_scaling``
+    lr_batch: Optional[int] = None
+    #: linear (lr x batch / lr_batch), sqrt (lr x sqrt(batch / lr_batch)), auto: linear for sgd, sqrt for adam / adamw
+    lr_scaling: str = "auto"
 
 
 @dataclass
@@ -454,6 +459,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.balance": ("fixed", "uncertainty", "pcgrad"),
     "model.mix": ("all", "round_robin", "proportional"),
     "optimizer.name": ("adamw", "adam", "sgd"),
+    "optimizer.lr_scaling": ("auto", "linear", "sqrt"),
     "scheduler.name": ("cosine", "constant", "step", "none"),
     "callbacks.progress_bar": ("tqdm", "rich", "none"),
     "callbacks.nonfinite": ("skip", "stop", "off"),

@@ -45,6 +45,20 @@ def default_mean_std(backbone_name: str) -> tuple[list[float], list[float]]:
     return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+def scaled_lr(lr: float, batch: int, lr_batch: int, rule: str = "auto", optimizer: str = "adamw") -> float:
+    """``lr`` given for a global batch of ``lr_batch``, rescaled for ``batch``: ``linear`` (lr x batch / lr_batch,
+    the rule that keeps SGD's update per image), ``sqrt`` (lr x sqrt(batch / lr_batch), the usual rule for the
+    Adam family, whose step size does not grow with the gradient's scale), ``auto``: linear for sgd, else sqrt."""
+    if lr_batch < 1 or batch < 1:
+        raise ValueError(f"optimizer.lr_batch={lr_batch} and the global batch {batch} must be >= 1")
+    if rule == "auto":
+        rule = "linear" if optimizer == "sgd" else "sqrt"
+    if rule not in ("linear", "sqrt"):
+        raise ValueError(f"optimizer.lr_scaling={rule!r}: use auto, linear or sqrt")
+    ratio = batch / lr_batch
+    return float(lr) * (ratio if rule == "linear" else math.sqrt(ratio))
+
+
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], extra_params: list[nn.Parameter] | None = None, *,
                     head_lr_mult: Mapping[str, float] | None = None,
                     extra_groups: Mapping[str, list[nn.Parameter]] | None = None) -> torch.optim.Optimizer:
@@ -212,7 +226,33 @@ class ZooTask(pl.LightningModule):
             self.ema.update(self.model, step=self.global_step)
 
     def configure_optimizers(self):
-        return self._with_schedule(build_optimizer(self.model, self.hparams.optimizer, self.extra_parameters()))
+        return self._with_schedule(build_optimizer(self.model, self.optimizer_config(), self.extra_parameters()))
+
+    def optimizer_config(self) -> dict[str, Any]:
+        """``hparams.optimizer``, its ``lr`` rescaled to the run's global batch when ``optimizer.lr_batch`` is set
+        (:func:`scaled_lr`; the images of one optimizer step over every process: the data module's batch size x
+        world size x ``accumulate_grad_batches``). The effective lr is logged."""
+        cfg = dict(self.hparams.optimizer)
+        ref = cfg.get("lr_batch")
+        if not ref:
+            return cfg
+        from zoo.config import ConfigError
+
+        trainer = self.trainer
+        per_process = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        if not isinstance(per_process, int):
+            raise ConfigError(f"optimizer.lr_batch={ref} rescales lr to the run's batch, but this run's data has no "
+                              "single batch size (several data sources): give optimizer.lr for the run's batch and "
+                              "optimizer.lr_batch=null")
+        batch = per_process * int(trainer.world_size) * max(1, int(trainer.accumulate_grad_batches or 1))
+        lr = scaled_lr(float(cfg["lr"]), batch, int(ref), str(cfg.get("lr_scaling") or "auto"), str(cfg["name"]))
+        log.info("optimizer.lr=%g for a batch of %d (optimizer.lr_batch), %s-scaled to %g for this run's global batch "
+                 "of %d (%d x %d processes x %d accumulated)", float(cfg["lr"]), int(ref),
+                 ("linear" if cfg["name"] == "sgd" else "sqrt") if cfg.get("lr_scaling", "auto") == "auto"
+                 else cfg["lr_scaling"], lr, batch, per_process, int(trainer.world_size),
+                 max(1, int(trainer.accumulate_grad_batches or 1)))
+        cfg["lr"] = lr
+        return cfg
 
     def _with_schedule(self, opt: torch.optim.Optimizer):
         """The optimiser with the configured per-step schedule, in Lightning's return format."""

@@ -198,7 +198,7 @@ class MultiTask(ZooTask):
         extra = {n: list(c.parameters()) for n, c in self.criteria.items()}
         if self.log_vars is not None:
             extra["_balance"] = [self.log_vars]
-        opt = build_optimizer(self.model, self.hparams.optimizer, head_lr_mult=mults, extra_groups=extra)
+        opt = build_optimizer(self.model, self.optimizer_config(), head_lr_mult=mults, extra_groups=extra)
         return self._with_schedule(opt)
 
     # ------------------------------------------------------------------ training
