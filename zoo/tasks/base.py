@@ -244,13 +244,15 @@ class ZooTask(pl.LightningModule):
             raise ConfigError(f"optimizer.lr_batch={ref} rescales lr to the run's batch, but this run's data has no "
                               "single batch size (several data sources): give optimizer.lr for the run's batch and "
                               "optimizer.lr_batch=null")
-        batch = per_process * int(trainer.world_size) * max(1, int(trainer.accumulate_grad_batches or 1))
-        lr = scaled_lr(float(cfg["lr"]), batch, int(ref), str(cfg.get("lr_scaling") or "auto"), str(cfg["name"]))
+        world, accumulate = int(trainer.world_size), max(1, int(trainer.accumulate_grad_batches or 1))
+        batch = per_process * world * accumulate
+        rule = str(cfg.get("lr_scaling") or "auto")
+        if rule == "auto":
+            rule = "linear" if cfg["name"] == "sgd" else "sqrt"
+        lr = scaled_lr(float(cfg["lr"]), batch, int(ref), rule, str(cfg["name"]))
         log.info("optimizer.lr=%g for a batch of %d (optimizer.lr_batch), %s-scaled to %g for this run's global batch "
-                 "of %d (%d x %d processes x %d accumulated)", float(cfg["lr"]), int(ref),
-                 ("linear" if cfg["name"] == "sgd" else "sqrt") if cfg.get("lr_scaling", "auto") == "auto"
-                 else cfg["lr_scaling"], lr, batch, per_process, int(trainer.world_size),
-                 max(1, int(trainer.accumulate_grad_batches or 1)))
+                 "of %d (%d x %d processes x %d accumulated)", float(cfg["lr"]), int(ref), rule, lr, batch,
+                 per_process, world, accumulate)
         cfg["lr"] = lr
         return cfg
 
