@@ -68,8 +68,7 @@ def overfit(root: Path, epochs: int, warmup: int) -> list[str]:
     """Overrides shared by the overfit checks: train and validate on the same first 4 images of a real COCO subset,
     one batch per step, no augmentation or weight decay, validation once at the end, no bundle."""
     return ["data=coco", f"data.root={root}", "data.val_split=train2017", *FAST, "data.limit_train_images=4",
-            "data.limit_val_images=4",
-            "data.batch_size=4", "data.augment=[]", f"trainer.max_epochs={epochs}",
+            "data.limit_val_images=4", "data.batch_size=4", "data.augment=[]", f"trainer.max_epochs={epochs}",
             f"trainer.check_val_every_n_epoch={epochs}", "optimizer.weight_decay=0", f"scheduler.warmup_epochs={warmup}",
             "export_bundle=false"]
 

@@ -45,16 +45,22 @@ def default_mean_std(backbone_name: str) -> tuple[list[float], list[float]]:
     return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+def lr_scaling_rule(rule: str, optimizer: str) -> str:
+    """``optimizer.lr_scaling`` resolved: ``auto`` is ``linear`` for sgd and ``sqrt`` for the Adam family."""
+    if rule == "auto":
+        return "linear" if optimizer == "sgd" else "sqrt"
+    if rule not in ("linear", "sqrt"):
+        raise ValueError(f"optimizer.lr_scaling={rule!r}: use auto, linear or sqrt")
+    return rule
+
+
 def scaled_lr(lr: float, batch: int, lr_batch: int, rule: str = "auto", optimizer: str = "adamw") -> float:
     """``lr`` given for a global batch of ``lr_batch``, rescaled for ``batch``: ``linear`` (lr x batch / lr_batch,
     the rule that keeps SGD's update per image), ``sqrt`` (lr x sqrt(batch / lr_batch), the usual rule for the
     Adam family, whose step size does not grow with the gradient's scale), ``auto``: linear for sgd, else sqrt."""
     if lr_batch < 1 or batch < 1:
         raise ValueError(f"optimizer.lr_batch={lr_batch} and the global batch {batch} must be >= 1")
-    if rule == "auto":
-        rule = "linear" if optimizer == "sgd" else "sqrt"
-    if rule not in ("linear", "sqrt"):
-        raise ValueError(f"optimizer.lr_scaling={rule!r}: use auto, linear or sqrt")
+    rule = lr_scaling_rule(rule, optimizer)
     ratio = batch / lr_batch
     return float(lr) * (ratio if rule == "linear" else math.sqrt(ratio))
 
@@ -246,9 +252,7 @@ class ZooTask(pl.LightningModule):
                               "optimizer.lr_batch=null")
         world, accumulate = int(trainer.world_size), max(1, int(trainer.accumulate_grad_batches or 1))
         batch = per_process * world * accumulate
-        rule = str(cfg.get("lr_scaling") or "auto")
-        if rule == "auto":
-            rule = "linear" if cfg["name"] == "sgd" else "sqrt"
+        rule = lr_scaling_rule(str(cfg.get("lr_scaling") or "auto"), str(cfg["name"]))
         lr = scaled_lr(float(cfg["lr"]), batch, int(ref), rule, str(cfg["name"]))
         log.info("optimizer.lr=%g for a batch of %d (optimizer.lr_batch), %s-scaled to %g for this run's global batch "
                  "of %d (%d x %d processes x %d accumulated)", float(cfg["lr"]), int(ref), rule, lr, batch,
