@@ -125,11 +125,13 @@ def test_the_default_run_length_is_auto_and_an_explicit_one_is_kept(tmp_path) ->
     assert validate(compose("train", ["trainer.max_epochs=3"], tmp_path), TrainConfig).trainer.max_epochs == 3
 
 
-@pytest.mark.parametrize("length", ["auto", "explicit", "max_steps"])
+@pytest.mark.parametrize("length", ["auto", "explicit", "max_steps", "limited"])
 def test_train_runs_as_many_steps_as_the_schedule_says(length: str, tmp_path) -> None:
     """94 training images in batches of 16: 5 steps an epoch. auto with min_steps=12 -> 3 epochs (15 steps), and
     the cosine schedule spans those 15 steps (the last lr is the floor, not a value mid-decay); an explicit
-    max_epochs=2 -> 10 steps; max_steps=7 with max_epochs=null -> 7 steps."""
+    max_epochs=2 -> 10 steps; max_steps=7 with max_epochs=null -> 7 steps. ``limited``: limit_train_batches=2 (a
+    quick look at part of the data) gets min_epochs=2 epochs (4 steps), not the 6 epochs that would make up the
+    12 steps from the very batches the limit removed."""
     import csv
 
     from tests.conftest import FAST, SMALL_SHAPES
@@ -137,18 +139,38 @@ def test_train_runs_as_many_steps_as_the_schedule_says(length: str, tmp_path) ->
 
     ov = {"auto": ["trainer.auto_epochs.min_epochs=1", "trainer.auto_epochs.min_steps=12"],
           "explicit": ["trainer.max_epochs=2", "trainer.auto_epochs.min_steps=12"],
-          "max_steps": ["trainer.max_steps=7"]}[length]
+          "max_steps": ["trainer.max_steps=7"],
+          "limited": ["trainer.auto_epochs.min_epochs=2", "trainer.auto_epochs.min_steps=12",
+                      "trainer.limit_train_batches=2"]}[length]
     cfg = compose("train", ["backbone=test_resnet", "model.input_size=[32,32]", *FAST, *SMALL_SHAPES,
                             "data.batch_size=16", "data.augment=[]", "export_bundle=false", "run_eval=false",
                             "scheduler.warmup_epochs=0", "callbacks.lr_monitor=true", "trainer.log_every_n_steps=1", *ov], tmp_path / "run")
     train(cfg)
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     steps, epochs = last["global_step"], last["epoch"] + 1
-    assert (steps, epochs) == {"auto": (15, 3), "explicit": (10, 2), "max_steps": (7, 2)}[length], (steps, epochs)
+    assert (steps, epochs) == {"auto": (15, 3), "explicit": (10, 2), "max_steps": (7, 2), "limited": (4, 2)}[length], \
+        (steps, epochs)
     if length == "auto":
         rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
         lrs = [float(r[k]) for r in rows for k in r if k.startswith("lr-") and r[k]]
         assert lrs and lrs[-1] < 0.05 * lrs[0], lrs  # decayed over the 15 steps (min_lr_factor 0.01)
+
+
+def test_auto_epochs_count_the_batches_of_one_process_under_ddp(tmp_path, capfd) -> None:
+    """2 CPU processes (ddp_spawn): 94 training images split 47 / 47, batches of 16 -> 2 steps an epoch on each
+    process (one process alone has 5). min_steps=6 -> 3 epochs and 6 optimizer steps; both ranks agree (a rank
+    that chose another count would hang the other at the next collective, or finish early)."""
+    from tests.conftest import FAST, SMALL_SHAPES
+    from zoo.training import train
+
+    cfg = compose("train", ["backbone=test_resnet", "model.input_size=[32,32]", "trainer=ddp_cpu", *FAST,
+                            *SMALL_SHAPES, "data.batch_size=16", "data.augment=[]", "export_bundle=false",
+                            "run_eval=false", "trainer.auto_epochs.min_epochs=1", "trainer.auto_epochs.min_steps=6"],
+                  tmp_path / "run")
+    train(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["global_step"], last["epoch"] + 1) == (6, 3), (last["global_step"], last["epoch"])
+    assert capfd.readouterr().out.count("training for 3 epochs (2 optimizer steps per epoch") == 1  # by rank 0
 
 
 def test_scaled_lr_rules() -> None:

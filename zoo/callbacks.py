@@ -455,8 +455,11 @@ class AutoEpochs(pl.Callback):
     where it started. So the run lasts ``max(min_epochs, ceil(min_steps / steps_per_epoch))`` epochs, at most
     ``cap`` (large data: ``min_epochs``; a few hundred images: ``min_steps`` steps). The epoch count is fixed when
     fitting is set up, before the optimizer and its schedule are built (so warm-up and cosine decay span the chosen
-    run), from the training batches of one process (``limit_train_batches`` and the distributed sampler counted)
-    and ``accumulate_grad_batches``; it is logged, and the same data gives the same count on resume.
+    run), from the training batches of one process (the distributed sampler counted) and
+    ``accumulate_grad_batches``; it is logged, and the same data gives the same count on resume. An epoch trimmed by
+    ``limit_train_batches`` (or ``overfit_batches``) is a quick look at part of the data, so such a run gets
+    ``min_epochs``: sizing it in steps would add epochs to make up for the very batches the limit removed (a smoke
+    test with ``limit_train_batches=2`` would otherwise run ``cap`` epochs).
     """
 
     def __init__(self, *, min_epochs: int, min_steps: int, cap: int) -> None:
@@ -481,11 +484,17 @@ class AutoEpochs(pl.Callback):
         if stage != "fit" or self.epochs is not None:
             return
         trainer.fit_loop.setup_data()  # what estimated_stepping_batches would load a moment later
-        self.epochs = self.choose(trainer.num_training_batches, trainer.accumulate_grad_batches)
+        limit = trainer.limit_train_batches  # 1.0 unless limit_train_batches (or overfit_batches) trims an epoch
+        limited = isinstance(limit, int) or float(limit) != 1.0
+        if limited:  # a quick look at part of the data: more epochs would only make up for the batches left out
+            self.epochs, self.steps_per_epoch = self.min_epochs, None
+        else:
+            self.epochs = self.choose(trainer.num_training_batches, trainer.accumulate_grad_batches)
         trainer.fit_loop.max_epochs = self.epochs
         if not trainer.is_global_zero:
             return
-        per = (f"{self.steps_per_epoch} optimizer steps per epoch" if self.steps_per_epoch
+        per = (f"limit_train_batches={limit} trims each epoch, so the step floor does not apply" if limited else
+               f"{self.steps_per_epoch} optimizer steps per epoch" if self.steps_per_epoch
                else "a stream of unknown length")
         emit(f"trainer.max_epochs=null: training for {self.epochs} epochs ({per}; trainer.auto_epochs: at least "
              f"{self.min_epochs} epochs and {self.min_steps} steps, at most {self.cap} epochs). Give "
