@@ -447,6 +447,17 @@ class ValidationSchedule(pl.Callback):
         self.validated_epochs.append(int(trainer.current_epoch))
 
 
+class ProcessWarnings(pl.Callback):
+    """The zoo's logging and warning filters (:func:`zoo.training.quiet_lightning`) in every training process. A
+    process that ``ddp_spawn`` starts is a fresh interpreter that inherits none of its parent's filters; this is the
+    first callback, so its ``setup`` runs before the others load data (the first place those warnings come from)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from zoo.training import quiet_lightning
+
+        quiet_lightning()
+
+
 class AutoEpochs(pl.Callback):
     """``trainer.max_epochs=null`` (the default): a schedule sized in optimizer steps, not in epochs.
 

@@ -38,7 +38,9 @@ class _DropTips(logging.Filter):
 
 def quiet_lightning() -> None:
     """Lightning logs through its own handler; stop its records from reaching Hydra's root handler twice, and
-    drop its advertising tips."""
+    drop its advertising tips and warnings that do not apply to the zoo. Called again in each process that
+    ``ddp_spawn`` starts (:class:`zoo.callbacks.ProcessWarnings`: a fresh interpreter inherits no warning
+    filters)."""
     for name in ("lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         lg.propagate = False
@@ -50,6 +52,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*No positive samples found in target.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    # the validation metrics and losses are reduced over every rank before they are logged (MultiTask's
+    # on_validation_epoch_end), so Lightning's advice to sync them again would only double-count
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
 
 
 def _set_threads(cfg: DictConfig) -> None:
@@ -146,7 +151,9 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, monitor: str, mode: str, ca
     c = cfg.callbacks
     from zoo.checkpointing import build_run_callbacks
 
-    callbacks: list = []
+    from zoo.callbacks import ProcessWarnings
+
+    callbacks: list = [ProcessWarnings()]  # first: the filters hold before any other hook runs in a spawned process
     max_epochs = t.max_epochs
     if max_epochs is None:  # sized in optimizer steps (zoo.callbacks.AutoEpochs), unless max_steps ends the run
         if (t.max_steps or -1) > 0 or t.fast_dev_run:
