@@ -103,6 +103,16 @@ def test_own_masks_get_the_measured_semantic_recipe_and_recipe_none_drops_its_lo
     assert compose("train", [*base, "model.heads.seg.dice_weight=0.0"]).model.heads.seg.dice_weight == 0.0
 
 
+def test_own_identities_get_the_measured_similarity_recipe_and_recipe_none_the_group_default() -> None:
+    """``model=similarity data=identity_folder`` with no other option trains with ArcFace (measured in
+    ``benchmarks/results/recipes_sim.md`` and ``recipes_sim_shapes.md``); ``recipe=none`` gives the model group's
+    multi-similarity loss; an explicit ``model.loss`` wins over the recipe."""
+    base = ["model=similarity", "data=identity_folder", "data.root=/nowhere"]
+    assert compose("train", base).model.loss == "arcface"
+    assert compose("train", [*base, "recipe=none"]).model.loss == "multi_similarity"
+    assert compose("train", [*base, "model.loss=supcon"]).model.loss == "supcon"
+
+
 # ---------------------------------------------------------------------------------------------------- small data
 def test_auto_epochs_sizes_small_data_in_steps_and_large_data_in_epochs() -> None:
     from zoo.callbacks import AutoEpochs
