@@ -44,9 +44,9 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         lg.propagate = False
-        lg.addFilter(_DropTips())
-        for h in lg.handlers:
-            h.addFilter(_DropTips())
+        for target in (lg, *lg.handlers):  # once each: this runs at every train() and in every spawned process
+            if not any(isinstance(f, _DropTips) for f in target.filters):
+                target.addFilter(_DropTips())
     import warnings
 
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
